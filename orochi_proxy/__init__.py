@@ -1,0 +1,1 @@
+"""orochi_proxy package."""
