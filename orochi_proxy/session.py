@@ -1,0 +1,621 @@
+"""One client session after start-up: routes each frontend message and keeps answers in order.
+
+Design (why it looks like this):
+
+* **Callbacks, no per-message coroutine.** A statement that goes to the metadata node unchanged
+  is written to the backend straight from ``on_message`` and its answer is relayed straight from
+  ``on_backend_messages``: no task switch, no queue, one write per batch of messages. That is the
+  path pgbench measures.
+* **Ordered slots.** The protocol answers messages in order, but some messages are answered by
+  the node and some by the proxy (admin functions such as ``citus_add_node``; later, statements
+  the executor fans out). ``self.pending`` holds one entry per outstanding answer: an ``int``
+  kind for a message forwarded to the node (completed by the matching backend message) or a
+  ``LocalAnswer``. A local answer is written only when it reaches the head, so the client sees
+  exactly the order PostgreSQL would produce.
+* **Errors as PostgreSQL has them.** After an error in the extended protocol, everything up to
+  the next Sync is skipped: forwarded entries are dropped (the node skips them too), local ones
+  are never run, and later client messages until Sync are not forwarded (``skipping``).
+* **Blocking local work.** A local answer that has to run something (a task) blocks: the
+  client's later messages wait in ``backlog`` until it finishes, so the task can use the
+  backend connection in collect mode and nothing overtakes it.
+
+Pool mode is *session*: the client holds one metadata-node connection from start-up to
+Terminate; prepared statement names pass through unchanged. (Transaction pooling, which
+renames statements per backend, comes with distributed transactions.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from executor import protocol as pg
+from executor.backend import BackendConnection, node_unavailable
+from executor.pool import NodePool
+from executor.protocol import PgError, ProtocolViolation
+from orochi_proxy import localexec
+from rewriter.intercept import AdminCall, Passthrough
+
+if TYPE_CHECKING:
+    from orochi_proxy.server import ClientConnection, ProxyServer
+
+log = logging.getLogger(__name__)
+
+# Kinds of forwarded messages and the backend message types that complete their answer.
+K_PARSE, K_BIND, K_CLOSE, K_DESCRIBE, K_EXECUTE, K_SYNC, K_QUERY = range(7)
+_COMPLETES: tuple[frozenset[int], ...] = (
+    frozenset(b"1"),
+    frozenset(b"2"),
+    frozenset(b"3"),
+    frozenset(b"Tn"),
+    frozenset(b"CIs"),
+    frozenset(b"Z"),
+    frozenset(b"Z"),
+)
+_Z_TERMINATED = (K_SYNC, K_QUERY)
+_ERR = ord("E")
+_READY = ord("Z")
+
+# Startup parameters that are session settings to reproduce on the backend.
+_NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+
+
+class LocalAnswer:
+    """An answer produced by the proxy. ``data`` is set when ready; ``run`` makes it when blocking."""
+
+    __slots__ = ("data", "error", "run", "task", "extended")
+
+    def __init__(
+        self,
+        data: bytes | None = None,
+        *,
+        error: bool = False,
+        run: Callable[[], Awaitable[tuple[bytes, bool]]] | None = None,
+        extended: bool = True,
+    ) -> None:
+        self.data = data
+        self.error = error
+        self.run = run
+        self.task: asyncio.Task[None] | None = None
+        self.extended = extended
+
+
+class LocalStatement:
+    """A prepared statement the proxy answers itself (an admin function call)."""
+
+    __slots__ = ("call", "param_oids")
+
+    def __init__(self, call: AdminCall, param_oids: list[int]) -> None:
+        self.call = call
+        self.param_oids = param_oids
+
+
+class LocalPortal:
+    __slots__ = ("statement", "bind", "done")
+
+    def __init__(self, statement: LocalStatement, bind: pg.BindMsg) -> None:
+        self.statement = statement
+        self.bind = bind
+        self.done = False
+
+
+class Session:
+    def __init__(
+        self,
+        server: ProxyServer,
+        client: ClientConnection,
+        user: str,
+        database: str,
+        startup_params: dict[str, str],
+    ) -> None:
+        self.server = server
+        self.client = client
+        self.user = user
+        self.database = database
+        self.startup_params = startup_params
+        self.backend: BackendConnection | None = None
+        self.pool: NodePool | None = None
+        self.pending: deque[int | LocalAnswer] = deque()
+        self.backlog: deque[tuple[int, bytes]] = deque()
+        self.blocked = 0  # number of blocking local answers in ``pending``
+        self.skipping = False
+        self.tx_status = pg.TX_IDLE
+        self.local_statements: dict[str, LocalStatement] = {}
+        self.local_portals: dict[str, LocalPortal] = {}
+        self.closed = False
+        self.router = server.router
+        self.metrics = server.metrics
+        self._stmt_started = 0.0
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> dict[str, str]:
+        """Bind a metadata-node connection and apply the client's start-up settings to it."""
+        self.pool = self.server.metadata_pool(self.database)
+        self.backend = await self.pool.acquire()
+        try:
+            settings = [
+                (k, v) for k, v in self.startup_params.items() if k not in _NOT_SETTINGS
+            ]
+            settings += _parse_options(self.startup_params.get("options", ""))
+            if settings:
+                sql = "; ".join(
+                    f"SELECT pg_catalog.set_config({_quote(k)}, {_quote(v)}, false)" for k, v in settings
+                )
+                await self.backend.simple_query(sql)
+        except PgError:
+            self.pool.release(self.backend)
+            self.backend = None
+            raise
+        self.backend.consumer = self
+        params = dict(self.backend.parameters)
+        if self.server.config.server.server_version:
+            params["server_version"] = self.server.config.server.server_version
+        return params
+
+    def close(self) -> None:
+        """The client went away: return the backend (reset) and cancel local work."""
+        if self.closed:
+            return
+        self.closed = True
+        for entry in self.pending:
+            if isinstance(entry, LocalAnswer) and entry.task is not None:
+                entry.task.cancel()
+        backend, self.backend = self.backend, None
+        if backend is not None and self.pool is not None:
+            busy = bool(self.pending)
+            if busy:
+                # Mid-statement: the connection's conversation state is unknown; do not reuse it.
+                backend.broken = True
+            self.pool.release(backend, reset=True)
+        self.pending.clear()
+        self.backlog.clear()
+
+    def cancel(self) -> None:
+        """A CancelRequest named this session: cancel on the node and any local task."""
+        if self.backend is not None and self.pending:
+            asyncio.get_running_loop().create_task(self.backend.cancel())
+        for entry in self.pending:
+            if isinstance(entry, LocalAnswer) and entry.task is not None:
+                entry.task.cancel()
+
+    def pause_backend(self) -> None:
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_backend(self) -> None:
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
+
+    # ------------------------------------------------------------------ client → proxy
+    def on_message(self, mtype: int, payload: bytes, frame: bytes) -> None:
+        """Handle one complete frontend message (``frame`` is the whole message, header included)."""
+        if self.closed:
+            return
+        if self.blocked:
+            self.backlog.append((mtype, frame))
+            return
+        if self.skipping:
+            if mtype == 83:  # 'S' Sync ends the skip
+                self.skipping = False
+            elif mtype in (80, 66, 68, 69, 67, 72):  # P B D E C H: discarded until Sync
+                return
+        try:
+            handler = self._handlers[mtype]
+        except KeyError:
+            raise ProtocolViolation(f"invalid frontend message type {mtype}") from None
+        handler(self, payload, frame)
+
+    def _forward(self, frame: bytes, kind: int | None) -> None:
+        if self.backend is None:
+            raise node_unavailable("metadata", "no backend connection")
+        if kind is not None:
+            self.pending.append(kind)
+        self.backend.write(frame)
+
+    def _on_query(self, payload: bytes, frame: bytes) -> None:
+        self._stmt_started = time.perf_counter()
+        if not self.router.may_intercept(payload):
+            self.metrics.statements.labels("passthrough").inc()
+            self._forward(frame, K_QUERY)
+            return
+        sql = pg.decode_query(payload)
+        self._enqueue_task(lambda: self._run_simple_query(sql), extended=False)
+
+    def _on_parse(self, payload: bytes, frame: bytes) -> None:
+        if not self.router.may_intercept(payload):
+            if self.local_statements:
+                name = pg.read_cstr(payload, 0)[0]
+                if name in self.local_statements:
+                    if name:
+                        self._local_error(PgError("42P05", f'prepared statement "{name}" already exists'))
+                        return
+                    del self.local_statements[name]
+            self._forward(frame, K_PARSE)
+            return
+        msg = pg.decode_parse(payload)
+        try:
+            actions = self.router.analyze(msg.sql)
+        except PgError as exc:
+            self._local_error(exc)
+            return
+        if len(actions) > 1:
+            self._local_error(PgError("42601", "cannot insert multiple commands into a prepared statement"))
+            return
+        action = actions[0] if actions else Passthrough(msg.sql)
+        if isinstance(action, Passthrough):
+            if msg.name in self.local_statements:
+                if msg.name:
+                    self._local_error(PgError("42P05", f'prepared statement "{msg.name}" already exists'))
+                    return
+                del self.local_statements[msg.name]
+            data = frame if action.sql == msg.sql else pg.parse_message(msg.name, action.sql, msg.param_oids)
+            self._forward(data, K_PARSE)
+            return
+        if msg.name and msg.name in self.local_statements:
+            self._local_error(PgError("42P05", f'prepared statement "{msg.name}" already exists'))
+            return
+        try:
+            oids = localexec.param_types(action, msg.param_oids)
+        except PgError as exc:
+            self._local_error(exc)
+            return
+        self.local_statements[msg.name] = LocalStatement(action, oids)
+        self._local_ready(pg.PARSE_COMPLETE)
+
+    def _on_bind(self, payload: bytes, frame: bytes) -> None:
+        if not self.local_statements and not self.local_portals:
+            self._forward(frame, K_BIND)
+            return
+        portal, pos = pg.read_cstr(payload, 0)
+        stmt_name = pg.read_cstr(payload, pos)[0]
+        stmt = self.local_statements.get(stmt_name)
+        if stmt is None:
+            self.local_portals.pop(portal, None)
+            self._forward(frame, K_BIND)
+            return
+        bind = pg.decode_bind(payload)
+        if len(bind.params) != len(stmt.param_oids):
+            self._local_error(
+                PgError(
+                    "08P01",
+                    f'bind message supplies {len(bind.params)} parameters, but prepared statement "{stmt_name}" requires {len(stmt.param_oids)}',
+                )
+            )
+            return
+        self.local_portals[portal] = LocalPortal(stmt, bind)
+        self._local_ready(pg.BIND_COMPLETE)
+
+    def _on_describe(self, payload: bytes, frame: bytes) -> None:
+        if not self.local_statements and not self.local_portals:
+            self._forward(frame, K_DESCRIBE)
+            return
+        kind, name = pg.decode_target(payload, "Describe")
+        if kind == "S" and name in self.local_statements:
+            st = self.local_statements[name]
+            self._local_ready(pg.parameter_description(st.param_oids) + localexec.describe(st.call, None))
+        elif kind == "P" and name in self.local_portals:
+            lp = self.local_portals[name]
+            self._local_ready(localexec.describe(lp.statement.call, lp.bind))
+        else:
+            self._forward(frame, K_DESCRIBE)
+
+    def _on_execute(self, payload: bytes, frame: bytes) -> None:
+        self._stmt_started = time.perf_counter()
+        if not self.local_portals:
+            self.metrics.statements.labels("passthrough").inc()
+            self._forward(frame, K_EXECUTE)
+            return
+        portal, _max_rows = pg.decode_execute(payload)
+        lp = self.local_portals.get(portal)
+        if lp is None:
+            self.metrics.statements.labels("passthrough").inc()
+            self._forward(frame, K_EXECUTE)
+            return
+        self._enqueue_task(lambda: self._run_local_portal(lp), extended=True)
+
+    def _on_close(self, payload: bytes, frame: bytes) -> None:
+        if not self.local_statements and not self.local_portals:
+            self._forward(frame, K_CLOSE)
+            return
+        kind, name = pg.decode_target(payload, "Close")
+        if kind == "S" and name in self.local_statements:
+            del self.local_statements[name]
+            self._local_ready(pg.CLOSE_COMPLETE)
+        elif kind == "P" and name in self.local_portals:
+            del self.local_portals[name]
+            self._local_ready(pg.CLOSE_COMPLETE)
+        else:
+            self._forward(frame, K_CLOSE)
+
+    def _on_sync(self, payload: bytes, frame: bytes) -> None:
+        self.local_portals.pop("", None)  # the unnamed portal ends with the implicit transaction
+        self._forward(frame, K_SYNC)
+
+    def _on_flush(self, payload: bytes, frame: bytes) -> None:
+        self._forward(frame, None)
+
+    def _on_copy(self, payload: bytes, frame: bytes) -> None:
+        self._forward(frame, None)
+
+    def _on_function_call(self, payload: bytes, frame: bytes) -> None:
+        self._forward(frame, K_QUERY)
+
+    def _on_terminate(self, payload: bytes, frame: bytes) -> None:
+        self.client.close()
+
+    _handlers: dict[int, Callable[[Session, bytes, bytes], None]] = {
+        ord("Q"): _on_query,
+        ord("P"): _on_parse,
+        ord("B"): _on_bind,
+        ord("D"): _on_describe,
+        ord("E"): _on_execute,
+        ord("C"): _on_close,
+        ord("S"): _on_sync,
+        ord("H"): _on_flush,
+        ord("d"): _on_copy,
+        ord("c"): _on_copy,
+        ord("f"): _on_copy,
+        ord("F"): _on_function_call,
+        ord("X"): _on_terminate,
+    }
+
+    # ------------------------------------------------------------------ local answers
+    def _local_ready(self, data: bytes) -> None:
+        self.pending.append(LocalAnswer(data))
+        self._pump()
+
+    def _local_error(self, err: PgError) -> None:
+        """A proxy-detected error in the extended protocol: answer it in order, skip to Sync."""
+        self.metrics.errors.labels(err.sqlstate).inc()
+        self.pending.append(LocalAnswer(err.to_message(), error=True))
+        self.skipping = True
+        self._pump()
+
+    def _enqueue_task(
+        self, run: Callable[[], Awaitable[tuple[bytes, bool]]], *, extended: bool
+    ) -> None:
+        self.pending.append(LocalAnswer(run=run, extended=extended))
+        self.blocked += 1
+        self._pump()
+
+    def _pump(self) -> None:
+        """Write the local answers at the head; start a blocking one when it reaches the head."""
+        out = self._take_ready_locals()
+        if out:
+            self.client.write_many(out)
+
+    def _take_ready_locals(self) -> list[bytes]:
+        out: list[bytes] = []
+        pending = self.pending
+        while pending:
+            head = pending[0]
+            if head.__class__ is int:
+                break
+            assert isinstance(head, LocalAnswer)
+            if head.data is None:
+                if head.task is None:
+                    head.task = asyncio.get_running_loop().create_task(self._run_local(head))
+                break
+            pending.popleft()
+            if head.run is not None:
+                self.blocked -= 1
+            out.append(head.data)
+            if head.error and head.extended:
+                self._skip_to_sync()
+        if not self.blocked and self.backlog and not self.closed:
+            # Replay messages that waited behind a blocking answer (after writing ``out``).
+            asyncio.get_running_loop().call_soon(self._drain_backlog)
+        return out
+
+    async def _run_local(self, entry: LocalAnswer) -> None:
+        assert entry.run is not None
+        try:
+            data, error = await entry.run()
+        except asyncio.CancelledError:
+            if self.closed:
+                return
+            data, error = PgError("57014", "canceling statement due to user request").to_message(), True
+            if not entry.extended:
+                data += pg.ready_for_query(self.tx_status)
+        except PgError as exc:
+            data, error = exc.to_message(), True
+            if not entry.extended:
+                data += pg.ready_for_query(self.tx_status)
+        except Exception as exc:  # noqa: BLE001 - never kill the session for a proxy bug
+            log.exception("internal error in local statement")
+            data = PgError("XX000", f"internal error in orochi-proxy: {exc}").to_message()
+            error = True
+            if not entry.extended:
+                data += pg.ready_for_query(self.tx_status)
+        if self.closed:
+            return
+        if error:
+            self.metrics.errors.labels(_sqlstate_of(data)).inc()
+        entry.data, entry.error = data, error
+        self._pump()
+
+    def _drain_backlog(self) -> None:
+        try:
+            while self.backlog and not self.blocked and not self.closed:
+                mtype, frame = self.backlog.popleft()
+                self.on_message(mtype, frame[5:], frame)
+        except (ProtocolViolation, PgError) as exc:
+            self.client.fail(exc)
+
+    def _skip_to_sync(self) -> None:
+        """Drop answers up to the next Sync (PostgreSQL skips those messages after an error)."""
+        pending = self.pending
+        while pending and pending[0] != K_SYNC:
+            entry = pending.popleft()
+            if isinstance(entry, LocalAnswer) and entry.run is not None:
+                self.blocked -= 1
+                if entry.task is not None:
+                    entry.task.cancel()
+        if not pending:
+            self.skipping = True
+
+    # ------------------------------------------------------------------ node → client
+    def on_backend_messages(
+        self, conn: BackendConnection, buf: bytes, frames: list[tuple[int, int, int]]
+    ) -> None:
+        pending = self.pending
+        out: list[bytes] | None = None
+        seg = 0
+        for t, s, e in frames:
+            if not pending:
+                continue  # asynchronous message (notice, notification, parameter status)
+            head = pending[0]
+            if head.__class__ is not int:
+                continue
+            if t in _COMPLETES[head]:  # type: ignore[index]
+                pending.popleft()
+                if t == _READY:
+                    self.tx_status = buf[s + 5 : s + 6]
+                    self._observe_latency()
+            elif t == _ERR:
+                self.metrics.errors.labels(_sqlstate_of(buf[s:e])).inc()
+                if head in _Z_TERMINATED:
+                    continue
+                pending.popleft()
+                self._skip_to_sync()
+            else:
+                continue
+            if pending and pending[0].__class__ is not int:
+                local = self._take_ready_locals()
+                if local:
+                    if out is None:
+                        out = []
+                    out.append(buf[seg:e])
+                    out.extend(local)
+                    seg = e
+        if out is None:
+            self.client.write(buf)
+        else:
+            out.append(buf[seg:])
+            self.client.write_many(out)
+
+    def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        err = PgError(
+            "08006",
+            f"connection to node {conn.node_name} was lost",
+            severity="FATAL",
+            hint="The node stopped or the network failed; reconnect to continue.",
+        )
+        self.metrics.errors.labels(err.sqlstate).inc()
+        self.client.fail(err)
+
+    def _observe_latency(self) -> None:
+        if self._stmt_started:
+            self.metrics.statement_seconds.labels("passthrough").observe(
+                time.perf_counter() - self._stmt_started
+            )
+            self._stmt_started = 0.0
+
+    # ------------------------------------------------------------------ local statement runners
+    async def _run_simple_query(self, sql: str) -> tuple[bytes, bool]:
+        """A simple Query that mentions an intercepted name: run statement by statement."""
+        if not sql.strip():
+            return pg.EMPTY_QUERY_RESPONSE + pg.ready_for_query(self.tx_status), False
+        actions = self.router.analyze(sql)
+        out: list[bytes] = []
+        error = False
+        for action in actions:
+            if isinstance(action, Passthrough):
+                self.metrics.statements.labels("passthrough").inc()
+                msgs = await self._collect_from_backend(pg.query(action.sql))
+                body = [m for m in msgs if m[0] != _READY]
+                out.extend(pg.message(bytes([t]), p) for t, p in body)
+                if any(t == _ERR for t, _ in body):
+                    error = True
+                    break
+            else:
+                self.metrics.statements.labels("admin").inc()
+                try:
+                    out.append(await localexec.run_admin(self.server, action, None, simple=True))
+                except PgError as exc:
+                    out.append(exc.to_message())
+                    error = True
+                    break
+        out.append(pg.ready_for_query(self.tx_status))
+        # Errors are already inside ``out``; the session state needs no skip for simple Query.
+        return b"".join(out), False if not error else False
+
+    async def _run_local_portal(self, lp: LocalPortal) -> tuple[bytes, bool]:
+        self.metrics.statements.labels("admin").inc()
+        if lp.done:
+            return pg.command_complete("SELECT 0"), False
+        if self.tx_status == pg.TX_FAILED:
+            raise PgError(
+                "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+            )
+        data = await localexec.run_admin(self.server, lp.statement.call, lp.bind, simple=False)
+        lp.done = True
+        return data, False
+
+    async def _collect_from_backend(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Run messages on the bound backend in collect mode (only while this session blocks)."""
+        backend = self.backend
+        if backend is None:
+            raise node_unavailable("metadata", "no backend connection")
+        backend.consumer = None
+        try:
+            msgs = await backend.exchange(data)
+        finally:
+            if not backend.closed:
+                backend.consumer = self
+        for t, p in msgs:
+            if t == _READY:
+                self.tx_status = p[:1]
+        return msgs
+
+
+def _sqlstate_of(error_message: bytes) -> str:
+    return pg.parse_error_fields(error_message[5:]).get("C", "XX000")
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _parse_options(options: str) -> list[tuple[str, str]]:
+    """``options='-c a=b --c=d'`` from the start-up packet, as PostgreSQL splits it."""
+    out: list[tuple[str, str]] = []
+    tokens: list[str] = []
+    cur: list[str] = []
+    escape = False
+    for ch in options:
+        if escape:
+            cur.append(ch)
+            escape = False
+        elif ch == "\\":
+            escape = True
+        elif ch.isspace():
+            if cur:
+                tokens.append("".join(cur))
+                cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        tokens.append("".join(cur))
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        setting = None
+        if tok == "-c" and i + 1 < len(tokens):
+            setting = tokens[i + 1]
+            i += 1
+        elif tok.startswith("-c"):
+            setting = tok[2:]
+        elif tok.startswith("--"):
+            setting = tok[2:]
+        if setting and "=" in setting:
+            k, v = setting.split("=", 1)
+            out.append((k.replace("-", "_"), v))
+        i += 1
+    return out
