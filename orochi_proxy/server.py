@@ -239,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
         from executor.scram import ScramServer, verifier_for
 
         secret = cfg.users.get(user)
-        self._scram = ScramServer(verifier_for(secret) if secret is not None else None)
+        self._scram = ScramServer(verifier_for(secret) if secret is not None else None, username=user)
         self._sasl_step = 0
         self.state = "sasl"
         self.write(pg.auth_sasl(ScramServer.MECHANISMS))

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from orochi_proxy.scram import (
+from executor.scram import (
     ScramAuthFailed,
     ScramClient,
     ScramError,
