@@ -13,6 +13,11 @@ from orochi_proxy.config import ConfigError, load_config
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="orochi-proxy: one distributed PostgreSQL from many.")
 
 
+@app.callback()
+def main() -> None:
+    """orochi-proxy: one distributed PostgreSQL from many stock PostgreSQL servers."""
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(1)
@@ -30,11 +35,14 @@ def serve(
     except ConfigError as exc:
         _fail(str(exc))
     from executor.protocol import PgError
+    from orochi_proxy.catalog import CatalogError
     from orochi_proxy.server import run
 
     try:
         run(cfg)
     except PgError as exc:
         _fail(f"cannot start: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+    except CatalogError as exc:
+        _fail(f"cannot start: {exc}")
     except OSError as exc:
         _fail(f"cannot start: {exc}")
