@@ -12,6 +12,7 @@ Example file::
     tls_key = "/etc/orochi/server.key"
     auth = "scram-sha-256"                 # or "trust"
     metrics_port = 9187                    # 0 disables the Prometheus endpoint
+    startup_timeout = 60.0                 # seconds from connect to ReadyForQuery
 
     [users]                                # client users of the proxy: name = password
     app = "secret"                         # (or a SCRAM verifier "SCRAM-SHA-256$...")
@@ -54,6 +55,9 @@ class ServerSettings:
     metrics_port: int = 0
     max_message_size: int = 64 * 1024 * 1024
     server_version: str | None = None  # reported to clients; default: the metadata node's
+    # Seconds a client may take from connect to ReadyForQuery (PostgreSQL's
+    # authentication_timeout): a client that never finishes start-up must not hold a slot.
+    startup_timeout: float = 60.0
 
 
 @dataclass
@@ -156,6 +160,8 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"[server] auth must be 'trust' or 'scram-sha-256', not {cfg.server.auth!r}")
     if cfg.server.auth == "scram-sha-256" and not cfg.users:
         raise ConfigError("[server] auth = 'scram-sha-256' needs at least one entry in [users]")
+    if not cfg.server.startup_timeout > 0:
+        raise ConfigError(f"[server] startup_timeout must be > 0 seconds, not {cfg.server.startup_timeout!r}")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("[server] tls_cert and tls_key must be set together")
     return cfg

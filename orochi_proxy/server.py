@@ -31,7 +31,6 @@ from rewriter.intercept import Interceptor
 log = logging.getLogger(__name__)
 
 _I32 = struct.Struct("!i")
-STARTUP_TIMEOUT = 60.0  # like PostgreSQL's authentication_timeout
 
 
 class ClientConnection(asyncio.Protocol):
@@ -62,7 +61,9 @@ class ClientConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=1 << 20, low=1 << 18)
         self.server.client_opened(self)
-        self._startup_timer = asyncio.get_running_loop().call_later(STARTUP_TIMEOUT, self._startup_timeout)
+        self._startup_timer = asyncio.get_running_loop().call_later(
+            self.server.config.server.startup_timeout, self._startup_timeout
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
