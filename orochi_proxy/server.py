@@ -179,8 +179,12 @@ class ClientConnection(asyncio.Protocol):
             elif code >> 16 == 3:
                 self._on_startup_message(code, packet[8:])
             else:
-                raise ProtocolViolation(
-                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0"
+                # PostgreSQL's SQLSTATE for this is 0A000, not 08P01: the bytes are well-formed,
+                # the version is just not one we speak; clients match on it.
+                raise PgError(
+                    "0A000",
+                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0",
+                    severity="FATAL",
                 )
 
     def _on_ssl_request(self) -> None:
