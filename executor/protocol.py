@@ -379,6 +379,12 @@ class FrameReader:
         self.max_size = max_size
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+        if not self._pending and len(data) >= 5:
+            # Fast path: exactly one whole message (a point query, a Sync-terminated batch reply
+            # rarely, but a client's Query almost always).
+            (ln,) = _I32.unpack_from(data, 1)
+            if ln + 1 == len(data) and 4 <= ln <= self.max_size:
+                return data, [(data[0], 0, len(data))]
         buf = self._pending + data if self._pending else data
         frames: list[tuple[int, int, int]] = []
         pos = 0

@@ -8,18 +8,20 @@ default one, so several proxies (or test cases) in one process never collide wit
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
 from prometheus_client import (
     start_http_server as _start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 __all__ = ["CONTENT_TYPE", "STATEMENT_BUCKETS", "STRATEGIES", "ProxyMetrics"]
 
@@ -49,6 +51,93 @@ STATEMENT_BUCKETS = (
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class _HotCounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HotHistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last slot: above the largest bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class HotCounter:
+    """A labelled counter for the per-statement hot path: a plain ``+=``, no lock.
+
+    prometheus-client's Counter takes a mutex and resolves labels on every call; measured here
+    that was ~40% of the Python time of a relayed statement. These values are only written from
+    the event loop thread and read (atomically per int/float under the GIL) at scrape time.
+    Callers should keep the child from ``labels()`` and call ``inc()`` on it.
+    """
+
+    def __init__(self, name: str, documentation: str, labelname: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelname = labelname
+        self._children: dict[str, _HotCounterChild] = {}
+
+    def labels(self, *values: str, **kw: str) -> _HotCounterChild:
+        value = values[0] if values else kw[self.labelname]
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = _HotCounterChild()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        fam = CounterMetricFamily(self.name, self.documentation, labels=[self.labelname])
+        for value, child in list(self._children.items()):
+            fam.add_metric([value], child.value)
+        yield fam
+
+
+class HotHistogram:
+    """Like :class:`HotCounter`, for a labelled histogram (``observe`` is a bisect and two adds)."""
+
+    def __init__(self, name: str, documentation: str, labelname: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelname = labelname
+        self.buckets = tuple(buckets)
+        self._children: dict[str, _HotHistogramChild] = {}
+
+    def labels(self, *values: str, **kw: str) -> _HotHistogramChild:
+        value = values[0] if values else kw[self.labelname]
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = _HotHistogramChild(self.buckets)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=[self.labelname])
+        for value, child in list(self._children.items()):
+            counts = list(child.counts)
+            cumulative, running = [], 0
+            for bound, n in zip((*self.buckets, float("inf")), counts, strict=True):
+                running += n
+                cumulative.append((_bucket_label(bound), running))
+            fam.add_metric([value], cumulative, child.sum)
+        yield fam
+
+
+def _bucket_label(bound: float) -> str:
+    if bound == float("inf"):
+        return "+Inf"
+    return repr(float(bound))
+
+
 class ProxyMetrics:
     """All proxy metrics, registered on one registry.
 
@@ -68,19 +157,17 @@ class ProxyMetrics:
         self.client_connections_total = Counter(
             "orochi_client_connections", "Client connections accepted.", registry=r
         )
-        self.statements = Counter(
-            "orochi_statements",
-            "Statements executed, by execution strategy.",
-            ["strategy"],
-            registry=r,
+        self.statements = HotCounter(
+            "orochi_statements", "Statements executed, by execution strategy.", "strategy"
         )
-        self.statement_seconds = Histogram(
+        r.register(self.statements)  # type: ignore[arg-type]
+        self.statement_seconds = HotHistogram(
             "orochi_statement_duration_seconds",
             "Statement execution time as seen by the proxy, by execution strategy.",
-            ["strategy"],
-            buckets=STATEMENT_BUCKETS,
-            registry=r,
+            "strategy",
+            STATEMENT_BUCKETS,
         )
+        r.register(self.statement_seconds)  # type: ignore[arg-type]
         self.errors = Counter(
             "orochi_errors",
             "Error responses sent to clients, by SQLSTATE.",

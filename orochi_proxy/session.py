@@ -57,6 +57,15 @@ _COMPLETES: tuple[frozenset[int], ...] = (
     frozenset(b"Z"),
 )
 _Z_TERMINATED = (K_SYNC, K_QUERY)
+# Messages whose body the proxy may decode, and the kind of answer each gets when forwarded.
+_BODY_KINDS = {
+    ord("P"): K_PARSE,
+    ord("B"): K_BIND,
+    ord("D"): K_DESCRIBE,
+    ord("E"): K_EXECUTE,
+    ord("C"): K_CLOSE,
+    ord("Q"): K_QUERY,
+}
 _ERR = ord("E")
 _READY = ord("Z")
 
@@ -129,6 +138,9 @@ class Session:
         self.closed = False
         self.router = server.router
         self.metrics = server.metrics
+        # Children resolved once: label lookup per statement is measurable on the relay path.
+        self._passthrough_count = server.metrics.statements.labels("passthrough")
+        self._passthrough_seconds = server.metrics.statement_seconds.labels("passthrough")
         self._stmt_started = 0.0
 
     # ------------------------------------------------------------------ life cycle
@@ -207,7 +219,32 @@ class Session:
             handler = self._handlers[mtype]
         except KeyError:
             raise ProtocolViolation(f"invalid frontend message type {mtype}") from None
-        handler(self, payload, frame)
+        try:
+            handler(self, payload, frame)
+        except ProtocolViolation as exc:
+            if mtype not in _BODY_KINDS:
+                raise
+            self._on_malformed(mtype, payload, frame, exc)
+
+    def _on_malformed(self, mtype: int, payload: bytes, frame: bytes, exc: ProtocolViolation) -> None:
+        """A well-framed message whose body does not decode: an ERROR for this request only.
+
+        PostgreSQL answers a malformed Parse/Bind/Query with ERROR 08P01 and carries on (skipping
+        to Sync in the extended protocol); a FATAL close here would lose the client's session and
+        transaction. So the frame goes to the node, which words the error as PostgreSQL does and
+        keeps the transaction state right, unless it is a Bind to a statement the proxy answers
+        itself, which the node has never seen.
+        """
+        if mtype == 66:  # 'B'
+            try:
+                pos = pg.read_cstr(payload, 0)[1]
+                stmt_name: str | None = pg.read_cstr(payload, pos)[0]
+            except ProtocolViolation:
+                stmt_name = None
+            if stmt_name is not None and stmt_name in self.local_statements:
+                self._local_error(PgError("08P01", str(exc)))
+                return
+        self._forward(frame, _BODY_KINDS[mtype])
 
     def _forward(self, frame: bytes, kind: int | None) -> None:
         if self.backend is None:
@@ -219,7 +256,7 @@ class Session:
     def _on_query(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
         if not self.router.may_intercept(payload):
-            self.metrics.statements.labels("passthrough").inc()
+            self._passthrough_count.inc()
             self._forward(frame, K_QUERY)
             return
         sql = pg.decode_query(payload)
@@ -306,13 +343,13 @@ class Session:
     def _on_execute(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
         if not self.local_portals:
-            self.metrics.statements.labels("passthrough").inc()
+            self._passthrough_count.inc()
             self._forward(frame, K_EXECUTE)
             return
         portal, _max_rows = pg.decode_execute(payload)
         lp = self.local_portals.get(portal)
         if lp is None:
-            self.metrics.statements.labels("passthrough").inc()
+            self._passthrough_count.inc()
             self._forward(frame, K_EXECUTE)
             return
         self._enqueue_task(lambda: self._run_local_portal(lp), extended=True)
@@ -512,9 +549,7 @@ class Session:
 
     def _observe_latency(self) -> None:
         if self._stmt_started:
-            self.metrics.statement_seconds.labels("passthrough").observe(
-                time.perf_counter() - self._stmt_started
-            )
+            self._passthrough_seconds.observe(time.perf_counter() - self._stmt_started)
             self._stmt_started = 0.0
 
     # ------------------------------------------------------------------ local statement runners
@@ -527,7 +562,7 @@ class Session:
         error = False
         for action in actions:
             if isinstance(action, Passthrough):
-                self.metrics.statements.labels("passthrough").inc()
+                self._passthrough_count.inc()
                 msgs = await self._collect_from_backend(pg.query(action.sql))
                 body = [m for m in msgs if m[0] != _READY]
                 out.extend(pg.message(bytes([t]), p) for t, p in body)

@@ -95,18 +95,20 @@ class Interceptor:
         self.views = frozenset(v.lower() for v in views)
         self.view_schema = view_schema
         names = sorted(self.functions | self.views, key=len, reverse=True)
+        # One pass over the bytes. A Unicode-escaped identifier (U&"...") could spell a name
+        # the word match cannot see, so it always counts as a match.
         self._pattern = re.compile(
-            rb"(?<![A-Za-z0-9_$])(?:" + b"|".join(re.escape(n.encode()) for n in names) + rb")(?![A-Za-z0-9_$])",
+            rb"(?<![A-Za-z0-9_$])(?:"
+            + b"|".join(re.escape(n.encode()) for n in names)
+            + rb")(?![A-Za-z0-9_$])|U&\"",
             re.IGNORECASE,
         ) if names else None
-        # A Unicode-escaped identifier (U&"...") could spell a name the regex cannot see.
-        self._unicode_ident = re.compile(rb"[Uu]&\"")
 
     def may_intercept(self, data: bytes) -> bool:
         """Cheap and conservative: False means no statement in ``data`` can need the proxy."""
         if self._pattern is None:
             return False
-        return self._pattern.search(data) is not None or self._unicode_ident.search(data) is not None
+        return self._pattern.search(data) is not None
 
     def analyze(self, sql: str) -> list[Passthrough | AdminCall]:
         try:
