@@ -339,6 +339,7 @@ class _Snapshot:
     version: int
     nodes: tuple[NodeInfo, ...]
     tables: dict[tuple[str, str], TableInfo]
+    aggregate_names: frozenset[str] = frozenset()
 
 
 class _Change:
@@ -610,6 +611,18 @@ class Catalog:
                 f"SELECT schema_name, table_name, kind, dist_column, dist_type, colocation_id "
                 f"FROM {SCHEMA}.tables"
             )
+            column_rows = await conn.fetch(
+                f"SELECT t.schema_name, t.table_name, "
+                f"array_agg(a.attname::text ORDER BY a.attnum) AS columns "
+                f"FROM {SCHEMA}.tables t "
+                "JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema_name "
+                "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.table_name "
+                "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+                "GROUP BY 1, 2"
+            )
+            aggregate_names = frozenset(
+                r[0] for r in await conn.fetch("SELECT DISTINCT proname::text FROM pg_catalog.pg_proc WHERE prokind = 'a'")
+            )
             shard_rows = await conn.fetch(
                 f"SELECT s.schema_name, s.table_name, s.shard_id, s.shard_index, "
                 f"array_agg(p.node_id ORDER BY p.node_id) AS node_ids "
@@ -622,6 +635,7 @@ class Catalog:
             shards_by_table.setdefault((r["schema_name"], r["table_name"]), []).append(
                 Shard(int(r["shard_id"]), int(r["shard_index"]), node_ids)
             )
+        columns = {(r["schema_name"], r["table_name"]): tuple(r["columns"]) for r in column_rows}
         tables = {
             (r["schema_name"], r["table_name"]): TableInfo(
                 schema=r["schema_name"],
@@ -631,6 +645,7 @@ class Catalog:
                 dist_type=r["dist_type"],
                 colocation_id=r["colocation_id"] or 0,
                 shards=tuple(shards_by_table.get((r["schema_name"], r["table_name"]), ())),
+                columns=columns.get((r["schema_name"], r["table_name"]), ()),
             )
             for r in table_rows
         }
@@ -644,7 +659,7 @@ class Catalog:
             )
             for r in rows
         )
-        return _Snapshot(version=int(version), nodes=nodes, tables=tables)
+        return _Snapshot(version=int(version), nodes=nodes, tables=tables, aggregate_names=aggregate_names)
 
     def _apply(self, snap: _Snapshot) -> None:
         """Swap in a snapshot; wake waiters and call listeners if the version changed."""
@@ -652,7 +667,9 @@ class Catalog:
         changed = snap.version != self.version
         self.nodes = list(snap.nodes)
         self._by_id = {n.node_id: n for n in snap.nodes}
-        self.model = ClusterModel(snap.version, snap.tables, tuple(n.node_id for n in snap.nodes))
+        self.model = ClusterModel(
+            snap.version, snap.tables, tuple(n.node_id for n in snap.nodes), snap.aggregate_names
+        )
         self.version = snap.version
         if not changed:
             return

@@ -48,6 +48,7 @@ class TableInfo:
     dist_type: str | None  # canonical type name of the distribution column
     colocation_id: int
     shards: tuple[Shard, ...]
+    columns: tuple[str, ...] = ()  # column names in table order (for INSERT without a column list)
     shard_names: dict[int, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -76,6 +77,7 @@ class ClusterModel:
     version: int
     tables: dict[tuple[str, str], TableInfo]
     node_ids: tuple[int, ...]
+    aggregate_names: frozenset[str] = frozenset()  # every aggregate function name in the database
 
     def lookup(self, schema: str | None, name: str, search_path: tuple[str, ...]) -> TableInfo | None:
         if schema is not None:

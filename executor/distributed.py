@@ -1,0 +1,607 @@
+"""Execute a distributed plan (``rewriter.planner.Plan``) on the nodes and answer the client.
+
+Strategies (see the planner):
+
+* **router** — one shard: the statement runs on its node with the client's parameters and
+  result formats; DataRows are relayed as the node produced them.
+* **concat** — several shards, no merge: one query per node (``UNION ALL`` of its shards), rows
+  relayed as they arrive; LIMIT/OFFSET applied by counting.
+* **combine** — partial rows are collected as text and handed to PostgreSQL's own evaluation in
+  the combine query (``rewriter.combine``) on a metadata-node connection, whose answer is relayed
+  with the client's result formats.
+* **writes on several nodes** — every node runs its shard statements inside ``BEGIN``; with more
+  than one node the transaction is two-phase committed (``PREPARE TRANSACTION`` everywhere, then
+  ``COMMIT PREPARED``), so it is applied on all or none. (Crash recovery of prepared transactions
+  comes with the transactions work; until then a proxy crash between the phases leaves prepared
+  transactions for an operator: their gid starts with ``orochi_``.)
+
+The output path writes straight to the client: a distributed statement runs only when its answer
+is at the head of the session's ordered answers, so nothing can overtake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import struct
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from executor import protocol as pg
+from executor.backend import BackendConnection
+from executor.pool import NodePool
+from executor.protocol import PgError
+from executor.tasks import TaskResult, extended_query, run_on
+from rewriter import hashing
+from rewriter.planner import Plan
+
+GID_PREFIX = "orochi_"
+_gid_counter = itertools.count(1)
+_PROCESS_TAG = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+# Backend settings that change how values are printed or parsed; reproduced on node connections.
+OUTPUT_SETTINGS = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "bytea_output")
+
+
+@dataclass
+class ExecContext:
+    """What a distributed statement needs from the session that runs it."""
+
+    database: str
+    pool_for: Callable[[int], NodePool]  # node id -> pool for the session's database
+    metadata_pool: Callable[[], NodePool]
+    metadata_node_id: int | None
+    write: Callable[[bytes], None]  # to the client
+    drain: Callable[[], Awaitable[None]]  # wait while the client's buffer is full
+    settings: dict[str, str]  # output settings of the client session
+    type_names: Callable[[list[int]], Awaitable[list[tuple[str, int]]]]  # oid -> (type name, array oid)
+    params: list[bytes | None] = field(default_factory=list)
+    param_formats: list[int] = field(default_factory=list)
+    param_oids: list[int] = field(default_factory=list)
+    result_formats: list[int] = field(default_factory=list)
+    row_description: bytes | None = None  # sent first (simple protocol); None in extended
+
+
+# ---------------------------------------------------------------------------------- routing
+def _param_text(ctx: ExecContext, number: int) -> str | None:
+    i = number - 1
+    if i >= len(ctx.params):
+        raise PgError("08P01", f"there is no parameter ${number}")
+    raw = ctx.params[i]
+    if raw is None:
+        return None
+    fmt = ctx.param_formats[i] if len(ctx.param_formats) > 1 else (ctx.param_formats[0] if ctx.param_formats else 0)
+    if fmt == 0:
+        return raw.decode()
+    oid = ctx.param_oids[i] if i < len(ctx.param_oids) else 0
+    return _binary_to_text(raw, oid)
+
+
+def _binary_to_text(raw: bytes, oid: int) -> str:
+    if oid == 20:
+        return str(struct.unpack("!q", raw)[0])
+    if oid == 23:
+        return str(struct.unpack("!i", raw)[0])
+    if oid == 21:
+        return str(struct.unpack("!h", raw)[0])
+    if oid in (25, 1043, 19, 705, 1042):
+        return raw.decode()
+    if oid == 2950:
+        return str(uuid.UUID(bytes=raw))
+    if oid == 1082:  # date: days since 2000-01-01
+        import datetime
+
+        return (datetime.date(2000, 1, 1) + datetime.timedelta(days=struct.unpack("!i", raw)[0])).isoformat()
+    raise _unroutable()
+
+
+def _unroutable() -> PgError:
+    return PgError("0A000", "cannot route by this parameter's binary format")
+
+
+def _array_texts(ctx: ExecContext, number: int) -> list[str | None] | None:
+    i = number - 1
+    raw = ctx.params[i] if i < len(ctx.params) else None
+    if raw is None:
+        return None
+    fmt = ctx.param_formats[i] if len(ctx.param_formats) > 1 else (ctx.param_formats[0] if ctx.param_formats else 0)
+    if fmt == 0:
+        return _parse_array_literal(raw.decode())
+    # binary array: ndim, flags, elemtype, then (dim, lbound) per dim, then elements
+    ndim, _flags, elem = struct.unpack_from("!iii", raw, 0)
+    if ndim == 0:
+        return []
+    if ndim != 1:
+        return None
+    (n, _lb) = struct.unpack_from("!ii", raw, 12)
+    pos = 20
+    out: list[str | None] = []
+    for _ in range(n):
+        (ln,) = struct.unpack_from("!i", raw, pos)
+        pos += 4
+        if ln < 0:
+            out.append(None)
+        else:
+            out.append(_binary_to_text(raw[pos : pos + ln], elem))
+            pos += ln
+    return out
+
+
+def _parse_array_literal(text: str) -> list[str | None] | None:
+    """A one-dimensional array literal ``{a,"b c",NULL}``; None for anything fancier."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    body = text[1:-1]
+    out: list[str | None] = []
+    i, n = 0, len(body)
+    if not body.strip():
+        return []
+    while i < n:
+        while i < n and body[i].isspace():
+            i += 1
+        if i < n and body[i] == "{":
+            return None
+        if i < n and body[i] == '"':
+            i += 1
+            buf = []
+            while i < n and body[i] != '"':
+                if body[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(body[i])
+                i += 1
+            i += 1
+            out.append("".join(buf))
+        else:
+            j = i
+            while j < n and body[j] != ",":
+                j += 1
+            tok = body[i:j].strip()
+            out.append(None if tok.upper() == "NULL" else tok)
+            i = j
+        while i < n and body[i] != ",":
+            i += 1
+        i += 1
+    return out
+
+
+def shard_of(dist_type: str, text: str | None, shard_count: int) -> int | None:
+    """The shard of a value given as text; None when it cannot be decided (then: all shards)."""
+    if text is None:
+        return -1  # NULL: equality never holds; no shard needed
+    try:
+        value = hashing.parse_text_value(dist_type, text)
+    except (ValueError, PgError, TypeError, OverflowError):
+        return None
+    return hashing.shard_slot(dist_type, value, shard_count)
+
+
+def resolve_shards(plan: Plan, ctx: ExecContext) -> list[int]:
+    """Shard indexes the statement must run on (sorted); all shards when not pinned."""
+    everything = set(range(plan.shard_count))
+    if not plan.pins or plan.dist_type is None:
+        return sorted(everything)
+    result = set(everything)
+    for group in plan.pins:
+        shards: set[int] | None = set()
+        for v in group:
+            texts: list[str | None] | None
+            if v.kind == "const":
+                texts = [v.text]
+            elif v.kind == "param":
+                texts = [_param_text(ctx, v.number)]
+            else:
+                texts = _array_texts(ctx, v.number)
+            if texts is None:
+                shards = None
+                break
+            for t in texts:
+                s = shard_of(plan.dist_type, t, plan.shard_count)
+                if s is None:
+                    shards = None
+                    break
+                if s >= 0:
+                    shards.add(s)  # type: ignore[union-attr]
+            if shards is None:
+                break
+        if shards is not None:
+            result &= shards
+    return sorted(result)
+
+
+# ---------------------------------------------------------------------------------- connections
+async def _with_settings(conn: BackendConnection, wanted: dict[str, str]) -> None:
+    applied: dict[str, str] = conn.__dict__.setdefault("applied_settings", {})
+    changes = {k: v for k, v in wanted.items() if applied.get(k) != v}
+    if not changes:
+        return
+    sql = "; ".join(f"SELECT pg_catalog.set_config('{k}', '{v.replace(chr(39), chr(39) * 2)}', false)" for k, v in changes.items())
+    await conn.simple_query(sql)
+    applied.update(changes)
+
+
+class _Lease:
+    """Connections taken from pools for one statement; returned (without reset) at the end."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[NodePool, BackendConnection]] = []
+
+    async def get(self, pool: NodePool, settings: dict[str, str]) -> BackendConnection:
+        conn = await pool.acquire()
+        self.taken.append((pool, conn))
+        await _with_settings(conn, settings)
+        return conn
+
+    def release(self) -> None:
+        for pool, conn in self.taken:
+            pool.release(conn, reset=not conn.usable or conn.tx_status != b"I")
+        self.taken.clear()
+
+
+# ---------------------------------------------------------------------------------- execution
+class ClientOutput:
+    """Counts relayed rows, applies OFFSET/LIMIT by counting, and respects client back-pressure."""
+
+    def __init__(self, ctx: ExecContext, limit: int | None = None, offset: int = 0) -> None:
+        self.ctx = ctx
+        self.sent = 0
+        self.skipped = 0
+        self.limit = limit
+        self.offset = offset
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.sent >= self.limit
+
+    def sink(self, buf: bytes, frames: list[tuple[int, int, int]]) -> None:
+        if self.limit is None and self.offset == 0:
+            if len(frames) == 1:
+                _, s, e = frames[0]
+                self.ctx.write(buf[s:e])
+            else:
+                self.ctx.write(b"".join(buf[s:e] for _, s, e in frames))
+            self.sent += len(frames)
+            return
+        out = []
+        for _, s, e in frames:
+            if self.skipped < self.offset:
+                self.skipped += 1
+                continue
+            if self.full:
+                break
+            out.append(buf[s:e])
+            self.sent += 1
+        if out:
+            self.ctx.write(b"".join(out))
+
+
+async def execute(plan: Plan, ctx: ExecContext) -> None:
+    """Run ``plan`` and write RowDescription (if any), DataRows and CommandComplete to the client."""
+    if plan.kind == "ref_select":
+        node_id = _reference_read_node(plan, ctx)
+        await _run_single(plan, ctx, node_id, plan.sql_for_shard(plan.template, 0))
+        return
+    if plan.kind == "ref_modify":
+        await _run_reference_write(plan, ctx)
+        return
+    if plan.kind == "insert":
+        await _run_insert(plan, ctx)
+        return
+    shards = resolve_shards(plan, ctx)
+    if len(shards) <= 1:
+        idx = shards[0] if shards else 0
+        node_id = plan.tables[_first_dist(plan)].shards[idx].node_ids[0]
+        await _run_single(plan, ctx, node_id, plan.sql_for_shard(plan.template, idx))
+        return
+    if plan.multi_error is not None:
+        raise plan.multi_error
+    if plan.kind == "select":
+        assert plan.split is not None
+        if plan.split.mode == "concat":
+            await _run_concat(plan, ctx, shards)
+        else:
+            await _run_combine(plan, ctx, shards)
+        return
+    await _run_multi_write(plan, ctx, {s: [plan.sql_for_shard(plan.template, s)] for s in shards})
+
+
+def _first_dist(plan: Plan) -> int:
+    for i, t in enumerate(plan.tables):
+        if not t.is_reference:
+            return i
+    return 0
+
+
+def _reference_read_node(plan: Plan, ctx: ExecContext) -> int:
+    nodes = set(plan.tables[0].shards[0].node_ids)
+    for t in plan.tables[1:]:
+        nodes &= set(t.shards[0].node_ids)
+    if not nodes:
+        raise PgError("XX000", "reference tables have no common node")
+    if ctx.metadata_node_id in nodes:
+        return ctx.metadata_node_id  # type: ignore[return-value]
+    return min(nodes)
+
+
+async def _run_single(plan: Plan, ctx: ExecContext, node_id: int, sql: str) -> None:
+    lease = _Lease()
+    try:
+        conn = await lease.get(ctx.pool_for(node_id), ctx.settings)
+        if ctx.row_description is not None:
+            ctx.write(ctx.row_description)
+        out = ClientOutput(ctx)
+        res = await run_on(
+            conn,
+            extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=ctx.result_formats),
+            sink=out.sink,
+        )
+        _raise(res)
+        ctx.write(pg.command_complete(res.tags[-1] if res.tags else "SELECT 0"))
+    finally:
+        lease.release()
+
+
+def _raise(res: TaskResult) -> None:
+    if res.error is not None:
+        raise res.error
+
+
+def _by_node(plan: Plan, shards: list[int]) -> dict[int, list[int]]:
+    table = plan.tables[_first_dist(plan)]
+    groups: dict[int, list[int]] = {}
+    for s in shards:
+        groups.setdefault(table.shards[s].node_ids[0], []).append(s)
+    return groups
+
+
+def _union_all(plan: Plan, template: str, shards: list[int]) -> str:
+    parts = [plan.sql_for_shard(template, s) for s in shards]
+    if len(parts) == 1:
+        return parts[0]
+    return " UNION ALL ".join(f"({p})" for p in parts)
+
+
+def _int_value(node, ctx: ExecContext) -> int | None:
+    from pglast import ast
+
+    if node is None:
+        return None
+    if isinstance(node, ast.A_Const):
+        if node.isnull:
+            return None
+        if isinstance(node.val, ast.Integer):
+            return node.val.ival
+    if isinstance(node, ast.ParamRef):
+        t = _param_text(ctx, node.number)
+        return None if t is None else int(t)
+    if isinstance(node, ast.TypeCast):
+        return _int_value(node.arg, ctx)
+    raise PgError("0A000", "LIMIT/OFFSET must be a constant or a parameter on distributed tables")
+
+
+async def _run_concat(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
+    split = plan.split
+    assert split is not None and plan.worker_template is not None
+    limit = _int_value(split.limit, ctx)
+    offset = _int_value(split.offset, ctx) or 0
+    out = ClientOutput(ctx, limit, offset)
+    lease = _Lease()
+    try:
+        if ctx.row_description is not None:
+            ctx.write(ctx.row_description)
+        groups = _by_node(plan, shards)
+        conns = [await lease.get(ctx.pool_for(node), ctx.settings) for node in groups]
+        msgs = [
+            extended_query(
+                _union_all(plan, plan.worker_template, node_shards),
+                ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
+                result_formats=ctx.result_formats,
+            )
+            for node_shards in groups.values()
+        ]
+        results = await _gather([run_on(c, m, sink=out.sink) for c, m in zip(conns, msgs, strict=True)])
+        for r in results:
+            _raise(r)
+        ctx.write(pg.command_complete(f"SELECT {out.sent}"))
+    finally:
+        lease.release()
+
+
+async def _gather(coros: list[Awaitable[TaskResult]]) -> list[TaskResult]:
+    """Run tasks concurrently; if one fails, cancel the others (on their nodes too)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _array_literal(values: list[bytes | None]) -> bytes:
+    parts = []
+    for v in values:
+        if v is None:
+            parts.append(b"NULL")
+        else:
+            parts.append(b'"' + v.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+    return b"{" + b",".join(parts) + b"}"
+
+
+async def _run_combine(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
+    split = plan.split
+    assert split is not None and plan.worker_template is not None
+    lease = _Lease()
+    try:
+        groups = _by_node(plan, shards)
+        lossless = dict(ctx.settings, extra_float_digits="3")
+        conns = [await lease.get(ctx.pool_for(node), lossless) for node in groups]
+        msgs = [
+            extended_query(
+                _union_all(plan, plan.worker_template, node_shards),
+                ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
+                result_formats=[0], describe=True,
+            )
+            for node_shards in groups.values()
+        ]
+        results = await _gather([run_on(c, m, collect=True) for c, m in zip(conns, msgs, strict=True)])
+        for r in results:
+            _raise(r)
+        fields = pg.decode_row_description(results[0].row_description[5:]) if results[0].row_description else []
+        ncols = len(fields)
+        if split.star_outputs or split.combine_sort or split.combine_distinct is not None:
+            from rewriter.combine import resolve_refs
+
+            n_out = ncols - split.n_extra
+            resolve_refs(split, n_out)
+        types = await ctx.type_names([f.type_oid for f in fields])
+        columns: list[list[bytes | None]] = [[] for _ in range(ncols)]
+        for r in results:
+            for row in r.rows or ():
+                for i, v in enumerate(row):
+                    columns[i].append(v)
+        sql = split.combine_sql([t for t, _ in types], ncols, len(ctx.param_oids))
+        array_params = [_array_literal(c) for c in columns]
+        params = array_params + list(ctx.params)
+        n = len(ctx.params)
+        orig_formats = (
+            list(ctx.param_formats) if len(ctx.param_formats) > 1
+            else [ctx.param_formats[0] if ctx.param_formats else 0] * n
+        )
+        formats = [0] * ncols + orig_formats
+        oids = [a for _, a in types] + list(ctx.param_oids)
+        combine_settings = dict(ctx.settings)
+        conn = await lease.get(ctx.metadata_pool(), combine_settings)
+        if ctx.row_description is not None:
+            ctx.write(ctx.row_description)
+        out = ClientOutput(ctx)
+        res = await run_on(
+            conn,
+            extended_query(sql, params, param_oids=oids, param_formats=formats, result_formats=ctx.result_formats),
+            sink=out.sink,
+        )
+        _raise(res)
+        ctx.write(pg.command_complete(f"SELECT {out.sent}"))
+    finally:
+        lease.release()
+
+
+# ---------------------------------------------------------------------------------- writes
+def _sum_tags(tags: list[str], verb: str) -> str:
+    total = 0
+    for t in tags:
+        parts = t.split()
+        if parts and parts[0] == verb and parts[-1].isdigit():
+            total += int(parts[-1])
+    return f"INSERT 0 {total}" if verb == "INSERT" else f"{verb} {total}"
+
+
+async def _run_multi_write(plan: Plan, ctx: ExecContext, statements: dict[int, list[str]]) -> None:
+    """Statements per shard → per node transactions, two-phase committed across nodes."""
+    table = plan.tables[_first_dist(plan)]
+    per_node: dict[int, list[str]] = {}
+    for shard, sqls in statements.items():
+        per_node.setdefault(table.shards[shard].node_ids[0], []).extend(sqls)
+    await _write_on_nodes(plan, ctx, per_node, relay_rows_from=None)
+
+
+async def _write_on_nodes(
+    plan: Plan, ctx: ExecContext, per_node: dict[int, list[str]], relay_rows_from: int | None
+) -> None:
+    lease = _Lease()
+    prepared: list[tuple[BackendConnection, str]] = []
+    open_tx: list[BackendConnection] = []
+    try:
+        if ctx.row_description is not None and plan.returning:
+            ctx.write(ctx.row_description)
+        out = ClientOutput(ctx)
+        conns = {node: await lease.get(ctx.pool_for(node), ctx.settings) for node in per_node}
+        runs = []
+        for node, sqls in per_node.items():
+            body = extended_query("BEGIN", sync=False) + b"".join(
+                extended_query(
+                    s, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
+                    result_formats=ctx.result_formats, sync=False,
+                )
+                for s in sqls
+            ) + pg.SYNC
+            relay = plan.returning and (relay_rows_from is None or relay_rows_from == node)
+            runs.append(run_on(conns[node], body, sink=out.sink if relay else None))
+            open_tx.append(conns[node])
+        results = await _gather(runs)
+        errors = [r.error for r in results if r.error is not None]
+        if errors:
+            raise errors[0]
+        tags = [t for r in results for t in r.tags if t != "BEGIN"]
+        if relay_rows_from is not None:
+            node_tags = results[list(per_node).index(relay_rows_from)].tags
+            tags = [t for t in node_tags if t != "BEGIN"]
+        if len(conns) == 1:
+            conn = next(iter(conns.values()))
+            res = await run_on(conn, pg.query("COMMIT"))
+            open_tx.clear()
+            _raise(res)
+        else:
+            gid = f"{GID_PREFIX}{_PROCESS_TAG}_{next(_gid_counter)}"
+            prep = await _gather([run_on(c, pg.query(f"PREPARE TRANSACTION '{gid}'")) for c in conns.values()])
+            failed = [r.error for r in prep if r.error is not None]
+            prepared = [(c, gid) for c, r in zip(conns.values(), prep, strict=True) if r.error is None]
+            open_tx.clear()
+            if failed:
+                await _gather([run_on(c, pg.query(f"ROLLBACK PREPARED '{g}'")) for c, g in prepared])
+                prepared = []
+                raise failed[0]  # type: ignore[misc]
+            await _gather([run_on(c, pg.query(f"COMMIT PREPARED '{g}'")) for c, g in prepared])
+            prepared = []
+        ctx.write(pg.command_complete(_sum_tags(tags, plan.command)))
+    finally:
+        for c in open_tx:
+            if c.usable and c.tx_status != b"I":
+                try:
+                    await run_on(c, pg.query("ROLLBACK"))
+                except PgError:
+                    c.broken = True
+        lease.release()
+
+
+async def _run_reference_write(plan: Plan, ctx: ExecContext) -> None:
+    nodes = sorted(plan.tables[0].shards[0].node_ids) if plan.tables else []
+    target = plan.tables[0]
+    nodes = sorted(target.shards[0].node_ids)
+    if not nodes:
+        raise PgError("XX000", f"reference table {target.name} has no placement")
+    sql = plan.sql_for_shard(plan.template, 0)
+    first = ctx.metadata_node_id if ctx.metadata_node_id in nodes else nodes[0]
+    await _write_on_nodes(plan, ctx, {n: [sql] for n in nodes}, relay_rows_from=first)
+
+
+async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
+    table = plan.tables[0]
+    by_shard: dict[int, list[str]] = {}
+    for row in plan.insert_rows:
+        key = row.key
+        text = None
+        if key is not None:
+            text = key.text if key.kind == "const" else _param_text(ctx, key.number)
+        if text is None:
+            raise PgError(
+                "23502",
+                f'null value in distribution column "{table.dist_column}" of relation "{table.name}"',
+                hint="Every row of a distributed table needs a value in its distribution column.",
+            )
+        s = shard_of(plan.dist_type or "", text, plan.shard_count)
+        if s is None or s < 0:
+            raise PgError("22P02", f'invalid input for distribution column "{table.dist_column}": "{text}"')
+        by_shard.setdefault(s, []).append(row.values_sql)
+    statements = {
+        s: [plan.sql_for_shard(plan.insert_prefix + ", ".join(rows) + plan.insert_suffix, s)]
+        for s, rows in by_shard.items()
+    }
+    if len(statements) == 1:
+        (s, sqls), = statements.items()
+        await _run_single(plan, ctx, table.shards[s].node_ids[0], sqls[0])
+        return
+    await _run_multi_write(plan, ctx, statements)

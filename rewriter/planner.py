@@ -1,0 +1,345 @@
+"""Plan one statement over distributed and reference tables (pure: no I/O).
+
+The plan keeps SQL *templates*: the statement deparsed once with each catalog table replaced by
+a placeholder token (``__orochi_rel_<n>__``, aliased to the name the statement used so column
+references still resolve). Producing the SQL for shard ``i`` is then a string replacement, not a
+pglast deparse (100–500 µs) per shard.
+
+Strategies, cheapest first (DESIGN.md):
+
+* ``router`` — every distributed table is pinned to one shard by its distribution column (known
+  at plan time from literals, or at Bind from parameters): the original statement runs on one
+  node and its answer is relayed unchanged.
+* ``multi`` — the statement (SELECT: the worker query of :mod:`rewriter.combine`) runs on every
+  shard it can touch; answers are concatenated or combined. Distributed tables must be joined on
+  their distribution columns (co-located) and must not sit in subqueries or CTEs.
+* reference tables only — reads run on one node holding a copy, writes on every copy.
+
+Anything else raises ``0A000`` with the construct named.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from pglast import ast, parse_sql
+from pglast.enums import SetOperation
+
+from rewriter import combine
+from rewriter.errors import PgError
+from rewriter.model import ClusterModel, TableInfo
+from rewriter.pruning import PinValue, analyze_scope
+from rewriter.relations import Occurrence, RelationScan, scan_relations
+
+
+def token(i: int) -> str:
+    return f"__orochi_rel_{i}__"
+
+
+@dataclass
+class InsertRow:
+    """One VALUES row of an INSERT into a distributed table: its SQL text and shard key."""
+
+    values_sql: str
+    key: PinValue | None  # None: the distribution column is missing/DEFAULT (NULL key)
+    params: tuple[int, ...] = ()  # $n used by this row (1-based, ascending)
+
+
+@dataclass
+class Plan:
+    kind: str  # "select" | "modify" | "insert" | "ref_select" | "ref_modify"
+    sql: str  # the original statement text
+    tables: list[TableInfo]  # catalog tables touched, in placeholder order
+    template: str  # the statement with placeholders (router / reference execution)
+    shard_count: int = 1
+    pins: list[list[PinValue]] | None = None  # AND of OR-sets restricting the shard set
+    dist_type: str | None = None
+    split: combine.SelectSplit | None = None  # multi-shard SELECT
+    worker_template: str | None = None
+    returning: bool = False
+    command: str = "SELECT"  # command tag verb
+    # INSERT into a distributed table:
+    insert_prefix: str = ""  # "INSERT INTO <tok> AS t (cols) VALUES "
+    insert_suffix: str = ""  # " ON CONFLICT ... RETURNING ..."
+    insert_rows: list[InsertRow] = field(default_factory=list)
+    multi_error: PgError | None = None  # raised if execution needs more than one shard
+    has_params: bool = False
+
+    def sql_for_shard(self, template: str, shard_index: int) -> str:
+        out = template
+        for i, t in enumerate(self.tables):
+            idx = 0 if t.is_reference else shard_index
+            shard = t.shards[idx]
+            out = out.replace(token(i), _quote_ident(t.shard_name(shard)))
+        return out
+
+
+def _quote_ident(name: str) -> str:
+    if name.isidentifier() and name == name.lower() and name.isascii():
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def parse_one(sql: str) -> ast.Node:
+    stmts = parse_sql(sql)
+    if len(stmts) != 1:
+        raise PgError("42601", "cannot insert multiple commands into a prepared statement")
+    return stmts[0].stmt
+
+
+def _apply_tokens(scan: RelationScan) -> list[TableInfo]:
+    """Rename every catalog-table mention to a placeholder (keeping its alias); tables by token."""
+    tables: list[TableInfo] = []
+    index_of: dict[tuple[str, str], int] = {}
+    for occ in scan.occurrences:
+        key = (occ.table.schema, occ.table.name)
+        if key not in index_of:
+            index_of[key] = len(tables)
+            tables.append(occ.table)
+        rv = occ.node
+        if rv.alias is None:
+            rv.alias = ast.Alias(aliasname=rv.relname)
+        rv.relname = token(index_of[key])
+        rv.schemaname = occ.table.schema
+    return tables
+
+
+def _deparse(node: ast.Node) -> str:
+    return combine.deparse(node)
+
+
+def plan_statement(
+    stmt: ast.Node, sql: str, model: ClusterModel, search_path: tuple[str, ...], aggregate_names: frozenset[str]
+) -> Plan | None:
+    """Plan ``stmt`` (parsed from ``sql``); None if it touches no catalog table."""
+    if isinstance(stmt, ast.ExplainStmt):
+        raise combine.unsupported("EXPLAIN of a statement on distributed tables", "EXPLAIN support is coming; run the statement itself.")
+    if not isinstance(stmt, ast.SelectStmt | ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+        return None
+    stmt = copy.deepcopy(stmt)
+    scan = scan_relations(stmt, model, search_path)
+    if not scan.occurrences:
+        return None
+    dist = scan.distributed
+    if dist and scan.other_relations:
+        other = scan.other_relations[0]
+        name = f"{other.schemaname}.{other.relname}" if other.schemaname else other.relname
+        raise combine.unsupported(
+            f"joining distributed table {dist[0].table.name} with local table {name}",
+            f"Make {name} a reference table (SELECT create_reference_table('{name}')) or distribute it on the same key.",
+        )
+    if dist:
+        colocations = {o.table.colocation_id for o in dist}
+        if len(colocations) > 1:
+            names = sorted({o.table.name for o in dist})
+            raise combine.unsupported(
+                f"joining tables that are not co-located ({', '.join(names)})",
+                "Distribute them on columns of the same type with colocate_with, and join on the distribution columns.",
+            )
+    if isinstance(stmt, ast.InsertStmt):
+        return _plan_insert(stmt, sql, scan, model, search_path, aggregate_names)
+    if isinstance(stmt, ast.SelectStmt):
+        return _plan_select(stmt, sql, scan, aggregate_names)
+    return _plan_modify(stmt, sql, scan)
+
+
+# ------------------------------------------------------------------------------------ SELECT
+def _from_and_where(stmt: ast.Node) -> tuple[list[ast.Node], ast.Node | None]:
+    if isinstance(stmt, ast.SelectStmt):
+        return list(stmt.fromClause or ()), stmt.whereClause
+    if isinstance(stmt, ast.UpdateStmt):
+        return [stmt.relation, *(stmt.fromClause or ())], stmt.whereClause
+    if isinstance(stmt, ast.DeleteStmt):
+        return [stmt.relation, *(stmt.usingClause or ())], stmt.whereClause
+    return [], None
+
+
+def _routing(stmt: ast.Node, scan: RelationScan) -> tuple[list[list[PinValue]] | None, PgError | None]:
+    """Pins for the distributed tables, and the error to raise if the statement must run multi-shard."""
+    dist = scan.distributed
+    nested = [o for o in dist if not o.top_level]
+    top = [o for o in dist if o.top_level]
+    from_items, where = _from_and_where(stmt)
+    pinning = analyze_scope(scan.occurrences, from_items, where)
+    multi_error: PgError | None = None
+    if nested:
+        if isinstance(stmt, ast.SelectStmt) and stmt.op != SetOperation.SETOP_NONE:
+            what = "UNION/INTERSECT/EXCEPT over distributed tables"
+        else:
+            what = f"a subquery or CTE over distributed table {nested[0].table.name}"
+        err = combine.unsupported(what, "Run it in parts, or filter every distributed table on the distribution column with the same value.")
+        if not top:
+            raise err
+        multi_error = err
+    if len(top) > 1 and not pinning.connected(top):
+        err = combine.unsupported(
+            "a join of distributed tables that is not on their distribution columns",
+            "Join co-located tables with equality on their distribution columns.",
+        )
+        if multi_error is None:
+            multi_error = err
+        pins = _pins_all_pinned(pinning, top)
+        if pins is None:
+            raise err
+        return pins, multi_error
+    pins = pinning.value_sets(top) if top else None
+    if nested and pins is None:
+        raise multi_error  # type: ignore[misc]
+    return pins, multi_error
+
+
+def _pins_all_pinned(pinning, occurrences: list[Occurrence]) -> list[list[PinValue]] | None:
+    """For a non-co-located join: usable only if every table is pinned (router to one shard)."""
+    groups: list[list[PinValue]] = []
+    for o in occurrences:
+        g = pinning.value_sets([o])
+        if g is None:
+            return None
+        groups.extend(g)
+    return groups
+
+
+def _plan_select(stmt: ast.SelectStmt, sql: str, scan: RelationScan, aggregate_names) -> Plan:
+    dist = scan.distributed
+    if not dist:
+        tables = _apply_tokens(scan)
+        return Plan("ref_select", sql, tables, _deparse(stmt))
+    pins, multi_error = _routing(stmt, scan)
+    tables = _apply_tokens(scan)
+    template = _deparse(stmt)
+    first = dist[0].table
+    plan = Plan(
+        "select", sql, tables, template,
+        shard_count=first.shard_count, pins=pins, dist_type=first.dist_type, multi_error=multi_error,
+    )
+    if multi_error is None:
+        try:
+            arg_calls = combine.needs_arg_types(stmt, aggregate_names)
+            plan.split = combine.split_select(stmt, aggregate_names, {id(c): "numeric" for c in arg_calls} if arg_calls else None)
+            plan.worker_template = _deparse(plan.split.worker)
+        except PgError as exc:
+            if exc.sqlstate != "0A000":
+                raise
+            plan.multi_error = exc
+    return plan
+
+
+# ------------------------------------------------------------------------------------ UPDATE/DELETE
+def _plan_modify(stmt: ast.UpdateStmt | ast.DeleteStmt, sql: str, scan: RelationScan) -> Plan:
+    target = stmt.relation
+    target_occ = next(o for o in scan.occurrences if o.node is target) if any(o.node is target for o in scan.occurrences) else None
+    verb = "UPDATE" if isinstance(stmt, ast.UpdateStmt) else "DELETE"
+    returning = bool(stmt.returningList)
+    if target_occ is None:
+        # Writing a local table while reading catalog tables: the catalog tables' data is not
+        # on the metadata node.
+        raise combine.unsupported(f"{verb} of a local table that reads distributed or reference tables")
+    if target_occ.is_reference:
+        if scan.distributed:
+            raise combine.unsupported(f"{verb} of reference table {target_occ.table.name} that reads distributed tables")
+        tables = _apply_tokens(scan)
+        return Plan("ref_modify", sql, tables, _deparse(stmt), command=verb, returning=returning)
+    if isinstance(stmt, ast.UpdateStmt):
+        dist_col = target_occ.table.dist_column
+        for t in stmt.targetList or ():
+            if t.name == dist_col:
+                raise PgError(
+                    "0A000",
+                    f"modifying the distribution column {dist_col} of {target_occ.table.name} is not supported",
+                    hint="Delete the row and insert it with the new value.",
+                )
+    pins, multi_error = _routing(stmt, scan)
+    tables = _apply_tokens(scan)
+    first = target_occ.table
+    return Plan(
+        "modify", sql, tables, _deparse(stmt), shard_count=first.shard_count, pins=pins,
+        dist_type=first.dist_type, multi_error=multi_error, command=verb, returning=returning,
+    )
+
+
+# ------------------------------------------------------------------------------------ INSERT
+def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, search_path, aggregate_names) -> Plan:
+    target = stmt.relation
+    target_occ = next((o for o in scan.occurrences if o.node is target), None)
+    returning = bool(stmt.returningList)
+    if target_occ is None:
+        raise combine.unsupported("INSERT into a local table from distributed or reference tables")
+    table = target_occ.table
+    if stmt.onConflictClause is not None and stmt.onConflictClause.targetList and not table.is_reference:
+        for t in stmt.onConflictClause.targetList:
+            if t.name == table.dist_column:
+                raise PgError("0A000", f"modifying the distribution column {table.dist_column} of {table.name} is not supported")
+    if table.is_reference:
+        if scan.distributed:
+            raise combine.unsupported(f"INSERT into reference table {table.name} from distributed tables")
+        tables = _apply_tokens(scan)
+        return Plan("ref_modify", sql, tables, _deparse(stmt), command="INSERT", returning=returning)
+    select = stmt.selectStmt
+    if select is None or not isinstance(select, ast.SelectStmt) or not select.valuesLists:
+        raise combine.unsupported(
+            f"INSERT ... SELECT into distributed table {table.name}",
+            "Insert the rows with VALUES or COPY, or select them through the proxy first.",
+        )
+    if len(scan.occurrences) > 1:
+        raise combine.unsupported("INSERT ... VALUES with subqueries over catalog tables")
+    # Which VALUES position holds the distribution column?
+    if stmt.cols:
+        names = [c.name for c in stmt.cols]
+    else:
+        names = list(table.columns)
+    try:
+        pos = names.index(table.dist_column)
+    except ValueError:
+        pos = -1
+    if stmt.withClause is not None:
+        raise combine.unsupported("WITH ... INSERT into a distributed table")
+    rows: list[InsertRow] = []
+    for values in select.valuesLists:
+        key: PinValue | None = None
+        if pos >= 0:
+            if pos >= len(values):
+                raise PgError("42601", "INSERT has more target columns than expressions")
+            v = values[pos]
+            if isinstance(v, ast.SetToDefault):
+                key = None
+            else:
+                from rewriter.pruning import _const_value
+
+                key = _const_value(v)
+                if key is None:
+                    raise combine.unsupported(
+                        f"an expression as the value of distribution column {table.dist_column}",
+                        "Use a literal or a parameter for the distribution column.",
+                    )
+        params = sorted({n.number for n in combine_walk(values) if isinstance(n, ast.ParamRef)})
+        row_sql = "(" + ", ".join(_deparse(v) for v in values) + ")"
+        rows.append(InsertRow(row_sql, key, tuple(params)))
+    tables = _apply_tokens(scan)
+    head = copy.deepcopy(stmt)
+    head.selectStmt = ast.SelectStmt(
+        valuesLists=((ast.A_Const(val=ast.Integer(ival=0)),),), limitOption=0, op=SetOperation.SETOP_NONE
+    )
+    text = _deparse(head)
+    marker = "VALUES (0)"
+    i = text.index(marker)
+    plan = Plan(
+        "insert", sql, tables, _deparse(stmt), shard_count=table.shard_count,
+        dist_type=table.dist_type, command="INSERT", returning=returning,
+    )
+    plan.insert_prefix = text[:i] + "VALUES "
+    plan.insert_suffix = text[i + len(marker):]
+    plan.insert_rows = rows
+    return plan
+
+
+def combine_walk(node):
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Node):
+            yield n
+            for name in n:
+                stack.append(getattr(n, name))
+        elif isinstance(n, tuple | list):
+            stack.extend(n)
