@@ -145,9 +145,15 @@ class Session:
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> dict[str, str]:
-        """Bind a metadata-node connection and apply the client's start-up settings to it."""
-        self.pool = self.server.metadata_pool(self.database)
-        self.backend = await self.pool.acquire()
+        """Bind a metadata-node connection and apply the client's start-up settings to it.
+
+        The connection stays in a local until start-up is done: a client that leaves meanwhile
+        (start-up timeout while the pool is busy, a disconnect) closes the session, and then only
+        this coroutine can give the connection back. Storing it on ``self`` first leaked it, and
+        leaked connections wedged the pool for every later client.
+        """
+        self.pool = pool = self.server.metadata_pool(self.database)
+        backend = await pool.acquire()
         try:
             settings = [
                 (k, v) for k, v in self.startup_params.items() if k not in _NOT_SETTINGS
@@ -157,13 +163,15 @@ class Session:
                 sql = "; ".join(
                     f"SELECT pg_catalog.set_config({_quote(k)}, {_quote(v)}, false)" for k, v in settings
                 )
-                await self.backend.simple_query(sql)
-        except PgError:
-            self.pool.release(self.backend)
-            self.backend = None
+                await backend.simple_query(sql)
+            if self.closed:
+                raise PgError("08003", "the client closed the connection during start-up")
+        except BaseException:
+            pool.release(backend)
             raise
-        self.backend.consumer = self
-        params = dict(self.backend.parameters)
+        self.backend = backend
+        backend.consumer = self
+        params = dict(backend.parameters)
         if self.server.config.server.server_version:
             params["server_version"] = self.server.config.server.server_version
         return params
