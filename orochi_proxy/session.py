@@ -142,6 +142,9 @@ class Session:
         self._passthrough_count = server.metrics.statements.labels("passthrough")
         self._passthrough_seconds = server.metrics.statement_seconds.labels("passthrough")
         self._stmt_started = 0.0
+        # Something went to the node after its last ReadyForQuery (a Parse/Bind/Execute without
+        # Sync, a Flush): the node is mid-conversation, so the connection cannot be reset.
+        self._unsynced = False
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> dict[str, str]:
@@ -186,10 +189,11 @@ class Session:
                 entry.task.cancel()
         backend, self.backend = self.backend, None
         if backend is not None and self.pool is not None:
-            busy = bool(self.pending)
-            if busy:
-                # Mid-statement: the connection's conversation state is unknown; do not reuse it.
+            if self.pending or self._unsynced:
+                # Mid-statement or mid-pipeline: no reset can be trusted (a Sync would even commit
+                # the implicit transaction the client never finished). Closing rolls it back.
                 backend.broken = True
+            backend.tx_status = self.tx_status  # relay mode does not track it on the connection
             self.pool.release(backend, reset=True)
         self.pending.clear()
         self.backlog.clear()
@@ -259,6 +263,7 @@ class Session:
             raise node_unavailable("metadata", "no backend connection")
         if kind is not None:
             self.pending.append(kind)
+        self._unsynced = True
         self.backend.write(frame)
 
     def _on_query(self, payload: bytes, frame: bytes) -> None:
@@ -520,6 +525,7 @@ class Session:
                 pending.popleft()
                 if t == _READY:
                     self.tx_status = buf[s + 5 : s + 6]
+                    self._unsynced = False
                     self._observe_latency()
             elif t == _ERR:
                 self.metrics.errors.labels(_sqlstate_of(buf[s:e])).inc()
@@ -615,6 +621,7 @@ class Session:
         for t, p in msgs:
             if t == _READY:
                 self.tx_status = p[:1]
+                self._unsynced = False
         return msgs
 
 
