@@ -140,9 +140,12 @@ class NodePool:
     async def _reset_and_return(self, conn: BackendConnection) -> None:
         self.in_use += 1  # still busy while resetting
         try:
-            sql = "DISCARD ALL" if conn.tx_status == b"I" else "ROLLBACK; DISCARD ALL"
             async with asyncio.timeout(self.settings.connect_timeout):
-                await conn.simple_query(sql)
+                if conn.tx_status != b"I":
+                    # Two round trips, not "ROLLBACK; DISCARD ALL": a multi-statement Query runs
+                    # in an implicit transaction block, where DISCARD ALL always fails (25001).
+                    await conn.simple_query("ROLLBACK")
+                await conn.simple_query("DISCARD ALL")
             conn.prepared.clear()
         except Exception as exc:  # noqa: BLE001 - any failure: drop the connection
             log.info("reset of connection to %s failed (%s); closing it", self.node_name, exc)
