@@ -239,8 +239,12 @@ class BackendConnection(asyncio.Protocol):
         finally:
             self._collector = None
 
-    async def exchange(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Send protocol messages ending in Sync/Query and return every answer up to ReadyForQuery."""
+    async def exchange(self, data: bytes, until: tuple[int, ...] = (90,)) -> list[tuple[int, bytes]]:
+        """Send protocol messages and return every answer up to one of ``until`` (ReadyForQuery).
+
+        With ``until`` other than ReadyForQuery the messages should end in Flush: the caller is
+        in the middle of an extended-protocol batch and must not end it with a Sync.
+        """
         if self.consumer is not None:
             raise RuntimeError("backend connection is in relay mode")
         self._collector = col = _Collector()
@@ -252,6 +256,11 @@ class BackendConnection(asyncio.Protocol):
                 out.append((t, payload))
                 if t == ord("Z"):
                     self.tx_status = payload[:1]
+                    return out
+                if t == ord("S"):
+                    name, pos = pg.read_cstr(payload, 0)
+                    self.parameters[name] = pg.read_cstr(payload, pos)[0]
+                if t in until:
                     return out
         except BaseException:
             # The conversation is out of step now; nobody can reuse this connection safely.

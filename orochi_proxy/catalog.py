@@ -531,6 +531,120 @@ class Catalog:
                     "42704", f"node {host}:{port} is not in the cluster; see citus_nodes"
                 )
 
+    # ----------------------------------------------------------------------------------------
+    # distributed and reference tables
+
+    def colocation_for(
+        self, dist_type: str, shard_count: int, colocate_with: str, search_path: Sequence[str] = ("public",)
+    ) -> tuple[int | None, list[int]]:
+        """Choose a colocation group and the node of each shard index (cached data, no I/O).
+
+        ``colocate_with``: ``'default'`` joins the first group with the same type and shard count
+        (or starts one), ``'none'`` always starts a new group, a table name joins that table's
+        group. A new group spreads shards round-robin over the active nodes.
+        """
+        nodes = [n.node_id for n in self.nodes if n.is_active]
+        if not nodes:
+            raise CatalogError("55000", "the cluster has no active nodes; add one with citus_add_node")
+        existing: TableInfo | None = None
+        if colocate_with.lower() == "none":
+            existing = None
+        elif colocate_with.lower() == "default":
+            candidates = sorted(
+                (t for t in self.model.tables.values() if t.kind == "hash" and t.dist_type == dist_type and t.shard_count == shard_count),
+                key=lambda t: t.colocation_id,
+            )
+            existing = candidates[0] if candidates else None
+        else:
+            schema, _, name = colocate_with.rpartition(".")
+            existing = self.model.lookup(schema or None, name, tuple(search_path))
+            if existing is None or existing.kind != "hash":
+                raise CatalogError("42P01", f"cannot colocate with {colocate_with}: it is not a distributed table")
+            if existing.dist_type != dist_type:
+                raise CatalogError(
+                    "22023",
+                    f"cannot colocate with {colocate_with}: its distribution column has type {existing.dist_type}, not {dist_type}",
+                )
+            if existing.shard_count != shard_count:
+                raise CatalogError(
+                    "22023", f"cannot colocate with {colocate_with}: it has {existing.shard_count} shards, not {shard_count}"
+                )
+        if existing is not None:
+            return existing.colocation_id, [s.node_ids[0] for s in existing.shards]
+        return None, [nodes[i % len(nodes)] for i in range(shard_count)]
+
+    async def allocate_shard_ids(self, count: int) -> list[int]:
+        """New shard ids from the catalog's sequence (gaps are harmless)."""
+        async with self._conn_lock:
+            conn = await self._command_conn()
+            rows = await conn.fetch(
+                f"SELECT nextval('{SCHEMA}.shard_id_seq') FROM generate_series(1, $1)", count
+            )
+        return [int(r[0]) for r in rows]
+
+    async def register_table(
+        self,
+        schema: str,
+        name: str,
+        kind: str,
+        dist_column: str | None,
+        dist_type: str | None,
+        colocation_id: int | None,
+        shards: list[tuple[int, int, list[int]]],
+    ) -> None:
+        """Record a distributed/reference table: ``shards`` are (shard id, index, node ids)."""
+        async with self._change() as ch:
+            if await ch.conn.fetchval(
+                f"SELECT 1 FROM {SCHEMA}.tables WHERE schema_name = $1 AND table_name = $2", schema, name
+            ):
+                raise CatalogError("42P16", f'table "{schema}.{name}" is already distributed')
+            if kind == "hash" and colocation_id is None:
+                colocation_id = await ch.conn.fetchval(
+                    f"INSERT INTO {SCHEMA}.colocation_groups (shard_count, dist_type) VALUES ($1, $2) "
+                    "RETURNING colocation_id",
+                    len(shards),
+                    dist_type,
+                )
+            await ch.conn.execute(
+                f"INSERT INTO {SCHEMA}.tables (schema_name, table_name, kind, dist_column, dist_type, colocation_id) "
+                "VALUES ($1, $2, $3, $4, $5, $6)",
+                schema, name, kind, dist_column, dist_type, colocation_id,
+            )
+            await ch.conn.executemany(
+                f"INSERT INTO {SCHEMA}.shards (shard_id, schema_name, table_name, shard_index) VALUES ($1, $2, $3, $4)",
+                [(sid, schema, name, idx) for sid, idx, _ in shards],
+            )
+            await ch.conn.executemany(
+                f"INSERT INTO {SCHEMA}.placements (shard_id, node_id) VALUES ($1, $2)",
+                [(sid, node) for sid, _, nodes in shards for node in nodes],
+            )
+
+    async def unregister_table(self, schema: str, name: str) -> None:
+        async with self._change() as ch:
+            await ch.conn.execute(f"DELETE FROM {SCHEMA}.shard_sizes WHERE shard_id IN (SELECT shard_id FROM {SCHEMA}.shards WHERE schema_name = $1 AND table_name = $2)", schema, name)
+            await ch.conn.execute(f"DELETE FROM {SCHEMA}.tables WHERE schema_name = $1 AND table_name = $2", schema, name)
+
+    async def rename_table(self, schema: str, old: str, new: str) -> None:
+        async with self._change() as ch:
+            await ch.conn.execute(
+                f"UPDATE {SCHEMA}.tables SET table_name = $3 WHERE schema_name = $1 AND table_name = $2", schema, old, new
+            )
+
+    async def bump(self) -> None:
+        """Announce a change made outside the catalog tables (e.g. a column added to a table)."""
+        async with self._change():
+            pass
+
+    async def record_shard_sizes(self, sizes: list[tuple[int, int, int]]) -> None:
+        """(shard id, node id, bytes) measured on the nodes, for citus_shards/citus_tables."""
+        async with self._conn_lock:
+            conn = await self._command_conn()
+            await conn.executemany(
+                f"INSERT INTO {SCHEMA}.shard_sizes (shard_id, node_id, size_bytes) VALUES ($1, $2, $3) "
+                "ON CONFLICT (shard_id, node_id) DO UPDATE SET size_bytes = EXCLUDED.size_bytes, measured_at = now()",
+                sizes,
+            )
+
     @contextlib.asynccontextmanager
     async def _change(self) -> AsyncIterator[_Change]:
         """Run a catalog change as one transaction that bumps the version and notifies.

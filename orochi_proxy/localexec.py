@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 BOOL, INT8, INT2, INT4, TEXT, VOID, REGCLASS, NAME, UNKNOWN, VARCHAR = 16, 20, 21, 23, 25, 2278, 2205, 19, 705, 1043
 _TYPE_NAMES = {BOOL: "boolean", INT8: "bigint", INT4: "integer", TEXT: "text", VOID: "void", REGCLASS: "regclass"}
 
-Impl = Callable[["ProxyServer", dict[str, Any]], Awaitable[list[tuple[Any, ...]]]]
+Impl = Callable[..., Awaitable[list[tuple[Any, ...]]]]  # (server, args[, session])
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class AdminFunction:
     impl: Impl
     scalar: bool = True
     doc: str = ""
+    needs_session: bool = False  # impl takes the calling session as a third argument
 
 
 @dataclass
@@ -62,12 +63,19 @@ REGISTRY = AdminRegistry()
 
 
 def admin_function(
-    name: str, params: list[ParamSpec], columns: list[tuple[str, int]], *, scalar: bool = True
+    name: str,
+    params: list[ParamSpec],
+    columns: list[tuple[str, int]],
+    *,
+    scalar: bool = True,
+    needs_session: bool = False,
 ) -> Callable[[Impl], Impl]:
     """Decorator: register ``impl`` as the admin SQL function ``name``."""
 
     def deco(impl: Impl) -> Impl:
-        REGISTRY.register(AdminFunction(name, tuple(params), tuple(columns), impl, scalar, impl.__doc__ or ""))
+        REGISTRY.register(
+            AdminFunction(name, tuple(params), tuple(columns), impl, scalar, impl.__doc__ or "", needs_session)
+        )
         return impl
 
     return deco
@@ -193,7 +201,9 @@ def _encode(value: Any, oid: int, fmt: int) -> bytes | None:
     return str(value).encode()
 
 
-async def run_admin(server: ProxyServer, call: AdminCall, bind: pg.BindMsg | None, *, simple: bool) -> bytes:
+async def run_admin(
+    server: ProxyServer, call: AdminCall, bind: pg.BindMsg | None, *, simple: bool, session: Any = None
+) -> bytes:
     """Run ``call`` and return RowDescription (simple protocol only), DataRows and CommandComplete."""
     fn = REGISTRY.get(call.function)
     bound = _bind_params(fn, call)
@@ -212,7 +222,7 @@ async def run_admin(server: ProxyServer, call: AdminCall, bind: pg.BindMsg | Non
             i = arg.number - 1
             text = _decode_param(bind.params[i], bind.param_format(i), oids[i])
         kwargs[spec.name] = _convert(text, spec, fn)
-    rows = await fn.impl(server, kwargs)
+    rows = await (fn.impl(server, kwargs, session) if fn.needs_session else fn.impl(server, kwargs))
     fields = result_fields(call, bind)
     out: list[bytes] = []
     if simple:
@@ -264,4 +274,4 @@ async def orochi_catalog_version(server: ProxyServer, a: dict[str, Any]) -> list
     return [(server.catalog.version,)]
 
 
-ADMIN_VIEWS = ("citus_nodes", "pg_dist_node")
+ADMIN_VIEWS = ("citus_nodes", "pg_dist_node", "citus_tables", "citus_shards")

@@ -21,8 +21,10 @@ from executor import protocol as pg
 from executor.backend import BackendConnection
 from executor.pool import NodePool, PoolManager, PoolSettings
 from executor.protocol import PgError, ProtocolViolation
+from orochi_proxy import distribute  # noqa: F401  (registers the distribution admin functions)
 from orochi_proxy.catalog import Catalog
 from orochi_proxy.config import ProxyConfig
+from orochi_proxy.distsession import PlanCache, TypeNames
 from orochi_proxy.localexec import ADMIN_VIEWS, REGISTRY
 from orochi_proxy.metrics import ProxyMetrics
 from orochi_proxy.session import Session
@@ -51,7 +53,9 @@ class ClientConnection(asyncio.Protocol):
         self._sasl_step = 0
         self._tls_done = False
         self._startup_timer: asyncio.TimerHandle | None = None
-        self._early: list[bytes] = []  # messages sent before start-up finished (pipelining)
+        self._early: list[bytes] = []
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None  # messages sent before start-up finished (pipelining)
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,12 +78,25 @@ class ClientConnection(asyncio.Protocol):
         self.server.client_closed(self)
 
     def pause_writing(self) -> None:
+        self._paused = True
         if self.session is not None:
             self.session.pause_backend()
 
     def resume_writing(self) -> None:
+        self._paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.session is not None:
             self.session.resume_backend()
+
+    async def drain(self) -> None:
+        """Wait while the client's send buffer is above its high-water mark."""
+        if not self._paused or self.state == "closed":
+            return
+        if self._drain_waiter is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        await self._drain_waiter
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -339,7 +356,10 @@ class ProxyServer:
             ),
             on_change=self._pool_changed,
         )
-        self.router = Interceptor(REGISTRY.functions.keys(), ADMIN_VIEWS, Catalog.SCHEMA)
+        self.router = self._make_router()
+        self.plans = PlanCache()
+        self.type_names = TypeNames(self)
+        self.catalog.add_listener(self._catalog_changed)
         self.ssl_context = None
         if config.server.tls_cert and config.server.tls_key:
             from orochi_proxy.tls import server_ssl_context
@@ -350,9 +370,30 @@ class ProxyServer:
         self._server: asyncio.base_events.Server | None = None
         self._next_pid = (os.getpid() & 0xFFFF) << 12
 
+    def _make_router(self) -> Interceptor:
+        model = self.catalog.model
+        names = {name for _, name in model.tables}
+        return Interceptor(
+            REGISTRY.functions.keys(),
+            ADMIN_VIEWS,
+            Catalog.SCHEMA,
+            tables=names,
+            is_catalog_table=self._is_catalog_table,
+        )
+
+    def _is_catalog_table(self, schema: str | None, name: str) -> bool:
+        tables = self.catalog.model.tables
+        if schema is not None:
+            return (schema, name) in tables
+        return any(n == name for _, n in tables)
+
+    def _catalog_changed(self, version: int) -> None:
+        self.router = self._make_router()
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.catalog.open()
+        self.router = self._make_router()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
@@ -404,6 +445,10 @@ class ProxyServer:
             session.cancel()
 
     # ------------------------------------------------------------------ nodes and pools
+    def node_pool(self, node_id: int, database: str) -> NodePool:
+        node = self.catalog.node(node_id)
+        return self.pools.pool(node.host, node.port, database, node.address)
+
     def metadata_pool(self, database: str) -> NodePool:
         md = self.config.metadata
         return self.pools.pool(md.host, md.port, database, f"{md.host}:{md.port}")

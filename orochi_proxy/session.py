@@ -38,7 +38,8 @@ from executor.backend import BackendConnection, node_unavailable
 from executor.pool import NodePool
 from executor.protocol import PgError, ProtocolViolation
 from orochi_proxy import localexec
-from rewriter.intercept import AdminCall, Passthrough
+from orochi_proxy.distsession import DistPortal, DistributedRunner, DistStatement
+from rewriter.intercept import AdminCall, Distributed, Passthrough
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ClientConnection, ProxyServer
@@ -136,7 +137,10 @@ class Session:
         self.local_statements: dict[str, LocalStatement] = {}
         self.local_portals: dict[str, LocalPortal] = {}
         self.closed = False
-        self.router = server.router
+        self.dist_statements: dict[str, DistStatement] = {}
+        self.dist_portals: dict[str, DistPortal] = {}
+        self.dist = DistributedRunner(self)
+        self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
         self.metrics = server.metrics
         # Children resolved once: label lookup per statement is measurable on the relay path.
         self._passthrough_count = server.metrics.statements.labels("passthrough")
@@ -145,6 +149,24 @@ class Session:
         # Something went to the node after its last ReadyForQuery (a Parse/Bind/Execute without
         # Sync, a Flush): the node is mid-conversation, so the connection cannot be reset.
         self._unsynced = False
+
+    @property
+    def router(self):
+        """The server's interceptor (rebuilt when the catalog's table names change)."""
+        return self.server.router
+
+    def output_settings(self) -> dict[str, str]:
+        """Settings that shape how values print; reproduced on node connections for this session."""
+        out = {}
+        for name in ("DateStyle", "TimeZone", "IntervalStyle"):
+            v = self.reported.get(name)
+            if v is not None:
+                out[name] = v
+        for name in ("extra_float_digits", "bytea_output"):
+            v = self.startup_params.get(name)
+            if v is not None:
+                out[name] = v
+        return out
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> dict[str, str]:
@@ -175,6 +197,7 @@ class Session:
         self.backend = backend
         backend.consumer = self
         params = dict(backend.parameters)
+        self.reported = dict(params)
         if self.server.config.server.server_version:
             params["server_version"] = self.server.config.server.server_version
         return params
@@ -268,6 +291,8 @@ class Session:
 
     def _on_query(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
+        if b"search_path" in payload:
+            self.dist.invalidate_search_path()
         if not self.router.may_intercept(payload):
             self._passthrough_count.inc()
             self._forward(frame, K_QUERY)
@@ -277,6 +302,8 @@ class Session:
 
     def _on_parse(self, payload: bytes, frame: bytes) -> None:
         if not self.router.may_intercept(payload):
+            if self.dist_statements and payload[:1] == b"\x00":
+                self.dist_statements.pop("", None)
             if self.local_statements:
                 name = pg.read_cstr(payload, 0)[0]
                 if name in self.local_statements:
@@ -296,6 +323,18 @@ class Session:
             self._local_error(PgError("42601", "cannot insert multiple commands into a prepared statement"))
             return
         action = actions[0] if actions else Passthrough(msg.sql)
+        if isinstance(action, Distributed):
+            if msg.name in self.local_statements:
+                if msg.name:
+                    self._local_error(PgError("42P05", f'prepared statement "{msg.name}" already exists'))
+                    return
+                del self.local_statements[msg.name]
+            if not msg.name or msg.name not in self.dist_statements:
+                self.dist_statements[msg.name] = DistStatement(action, msg.param_oids)
+            self._forward(frame, K_PARSE)
+            return
+        if not msg.name:
+            self.dist_statements.pop("", None)
         if isinstance(action, Passthrough):
             if msg.name in self.local_statements:
                 if msg.name:
@@ -317,11 +356,18 @@ class Session:
         self._local_ready(pg.PARSE_COMPLETE)
 
     def _on_bind(self, payload: bytes, frame: bytes) -> None:
-        if not self.local_statements and not self.local_portals:
+        if not (self.local_statements or self.local_portals or self.dist_statements or self.dist_portals):
             self._forward(frame, K_BIND)
             return
         portal, pos = pg.read_cstr(payload, 0)
         stmt_name = pg.read_cstr(payload, pos)[0]
+        ds = self.dist_statements.get(stmt_name)
+        if ds is not None:
+            self.local_portals.pop(portal, None)
+            self.dist_portals[portal] = DistPortal(ds, pg.decode_bind(payload), stmt_name)
+            self._forward(frame, K_BIND)
+            return
+        self.dist_portals.pop(portal, None)
         stmt = self.local_statements.get(stmt_name)
         if stmt is None:
             self.local_portals.pop(portal, None)
@@ -355,11 +401,15 @@ class Session:
 
     def _on_execute(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
-        if not self.local_portals:
+        if not self.local_portals and not self.dist_portals:
             self._passthrough_count.inc()
             self._forward(frame, K_EXECUTE)
             return
         portal, _max_rows = pg.decode_execute(payload)
+        dp = self.dist_portals.get(portal)
+        if dp is not None:
+            self._enqueue_task(lambda: self.dist.execute_portal(dp), extended=True)
+            return
         lp = self.local_portals.get(portal)
         if lp is None:
             self._passthrough_count.inc()
@@ -368,10 +418,14 @@ class Session:
         self._enqueue_task(lambda: self._run_local_portal(lp), extended=True)
 
     def _on_close(self, payload: bytes, frame: bytes) -> None:
-        if not self.local_statements and not self.local_portals:
+        if not (self.local_statements or self.local_portals or self.dist_statements or self.dist_portals):
             self._forward(frame, K_CLOSE)
             return
         kind, name = pg.decode_target(payload, "Close")
+        if kind == "S" and name in self.dist_statements:
+            del self.dist_statements[name]
+        elif kind == "P" and name in self.dist_portals:
+            del self.dist_portals[name]
         if kind == "S" and name in self.local_statements:
             del self.local_statements[name]
             self._local_ready(pg.CLOSE_COMPLETE)
@@ -383,6 +437,7 @@ class Session:
 
     def _on_sync(self, payload: bytes, frame: bytes) -> None:
         self.local_portals.pop("", None)  # the unnamed portal ends with the implicit transaction
+        self.dist_portals.pop("", None)
         self._forward(frame, K_SYNC)
 
     def _on_flush(self, payload: bytes, frame: bytes) -> None:
@@ -516,6 +571,9 @@ class Session:
         out: list[bytes] | None = None
         seg = 0
         for t, s, e in frames:
+            if t == 83:  # 'S' ParameterStatus: remember settings that shape output
+                name, pos = pg.read_cstr(buf, s + 5)
+                self.reported[name] = pg.read_cstr(buf, pos)[0]
             if not pending:
                 continue  # asynchronous message (notice, notification, parameter status)
             head = pending[0]
@@ -568,32 +626,37 @@ class Session:
 
     # ------------------------------------------------------------------ local statement runners
     async def _run_simple_query(self, sql: str) -> tuple[bytes, bool]:
-        """A simple Query that mentions an intercepted name: run statement by statement."""
+        """A simple Query that mentions an intercepted name: run statement by statement.
+
+        Answers are written as each statement finishes (this runs at the head of the ordered
+        answers, so direct writes keep the order); the first error ends the Query, as in
+        PostgreSQL.
+        """
         if not sql.strip():
             return pg.EMPTY_QUERY_RESPONSE + pg.ready_for_query(self.tx_status), False
-        actions = self.router.analyze(sql)
-        out: list[bytes] = []
-        error = False
+        try:
+            actions = self.router.analyze(sql)
+        except PgError as exc:
+            return exc.to_message() + pg.ready_for_query(self.tx_status), False
         for action in actions:
-            if isinstance(action, Passthrough):
-                self._passthrough_count.inc()
-                msgs = await self._collect_from_backend(pg.query(action.sql))
-                body = [m for m in msgs if m[0] != _READY]
-                out.extend(pg.message(bytes([t]), p) for t, p in body)
-                if any(t == _ERR for t, _ in body):
-                    error = True
-                    break
-            else:
-                self.metrics.statements.labels("admin").inc()
-                try:
-                    out.append(await localexec.run_admin(self.server, action, None, simple=True))
-                except PgError as exc:
-                    out.append(exc.to_message())
-                    error = True
-                    break
-        out.append(pg.ready_for_query(self.tx_status))
-        # Errors are already inside ``out``; the session state needs no skip for simple Query.
-        return b"".join(out), False if not error else False
+            try:
+                if isinstance(action, Passthrough):
+                    self._passthrough_count.inc()
+                    msgs = await self._collect_from_backend(pg.query(action.sql))
+                    body = [m for m in msgs if m[0] != _READY]
+                    self.client.write(b"".join(pg.message(bytes([t]), p) for t, p in body))
+                    if any(t == _ERR for t, _ in body):
+                        break
+                elif isinstance(action, Distributed):
+                    await self.dist.run_simple(action)
+                else:
+                    self.metrics.statements.labels("admin").inc()
+                    self.client.write(await localexec.run_admin(self.server, action, None, simple=True, session=self))
+            except PgError as exc:
+                self.metrics.errors.labels(exc.sqlstate).inc()
+                self.client.write(exc.to_message())
+                break
+        return pg.ready_for_query(self.tx_status), False
 
     async def _run_local_portal(self, lp: LocalPortal) -> tuple[bytes, bool]:
         self.metrics.statements.labels("admin").inc()
@@ -603,9 +666,21 @@ class Session:
             raise PgError(
                 "25P02", "current transaction is aborted, commands ignored until end of transaction block"
             )
-        data = await localexec.run_admin(self.server, lp.statement.call, lp.bind, simple=False)
+        data = await localexec.run_admin(self.server, lp.statement.call, lp.bind, simple=False, session=self)
         lp.done = True
         return data, False
+
+    async def _collect_until(self, data: bytes, stop: tuple[int, ...]) -> list[tuple[int, bytes]]:
+        """Send messages ending in Flush and collect answers up to one of ``stop`` types."""
+        backend = self.backend
+        if backend is None:
+            raise node_unavailable("metadata", "no backend connection")
+        backend.consumer = None
+        try:
+            return await backend.exchange(data, until=stop)
+        finally:
+            if not backend.closed:
+                backend.consumer = self
 
     async def _collect_from_backend(self, data: bytes) -> list[tuple[int, bytes]]:
         """Run messages on the bound backend in collect mode (only while this session blocks)."""

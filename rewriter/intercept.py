@@ -36,6 +36,14 @@ class Passthrough:
 
 
 @dataclass(frozen=True, slots=True)
+class Distributed:
+    """A statement that mentions a distributed or reference table: planned by the proxy."""
+
+    stmt: object  # the pglast statement node
+    sql: str
+
+
+@dataclass(frozen=True, slots=True)
 class Const:
     """A literal argument, as PostgreSQL's text representation (None for NULL)."""
 
@@ -90,11 +98,21 @@ class _Finder(Visitor):
 
 
 class Interceptor:
-    def __init__(self, functions: Iterable[str], views: Iterable[str], view_schema: str) -> None:
+    def __init__(
+        self,
+        functions: Iterable[str],
+        views: Iterable[str],
+        view_schema: str,
+        tables: Iterable[str] = (),
+        is_catalog_table=None,
+    ) -> None:
         self.functions = frozenset(f.lower() for f in functions)
         self.views = frozenset(v.lower() for v in views)
         self.view_schema = view_schema
-        names = sorted(self.functions | self.views, key=len, reverse=True)
+        self.tables = frozenset(tables)
+        # Decides whether a parsed statement mentions a catalog table (set by the server).
+        self.is_catalog_table = is_catalog_table
+        names = sorted(self.functions | self.views | {t.lower() for t in self.tables}, key=len, reverse=True)
         # One pass over the bytes. A Unicode-escaped identifier (U&"...") could spell a name
         # the word match cannot see, so it always counts as a match.
         self._pattern = re.compile(
@@ -110,23 +128,25 @@ class Interceptor:
             return False
         return self._pattern.search(data) is not None
 
-    def analyze(self, sql: str) -> list[Passthrough | AdminCall]:
+    def analyze(self, sql: str) -> list[Passthrough | AdminCall | Distributed]:
         try:
             raw_stmts = parse_sql(sql)
         except ParseError:
             return [Passthrough(sql)]
-        out: list[Passthrough | AdminCall] = []
+        out: list[Passthrough | AdminCall | Distributed] = []
         for raw in raw_stmts:
             start = raw.stmt_location or 0
             text = sql[start : start + raw.stmt_len] if raw.stmt_len else sql[start:]
             out.append(self._analyze_one(raw, text))
         return out
 
-    def _analyze_one(self, raw: ast.RawStmt, text: str) -> Passthrough | AdminCall:
+    def _analyze_one(self, raw: ast.RawStmt, text: str) -> Passthrough | AdminCall | Distributed:
         finder = _Finder(self.functions, self.views)
         finder(raw)
         if finder.calls:
             return _admin_call(raw.stmt, finder.calls)
+        if self.tables and self.is_catalog_table is not None and _mentions(raw.stmt, self.is_catalog_table):
+            return Distributed(raw.stmt, text)
         refs = [r for r in finder.view_refs if r.relname not in finder.cte_names]
         if refs:
             for ref in refs:
@@ -218,3 +238,25 @@ def _arg_value(node: ast.Node, fn: str) -> Arg:
         if isinstance(v, ast.BitString):
             return Const(v.bsval)
     raise _unsupported(fn)
+
+
+def _mentions(stmt: ast.Node, is_catalog_table) -> bool:
+    """Whether any RangeVar in ``stmt`` names a catalog table (CTE names excluded)."""
+    ctes: set[str] = set()
+    found: list[ast.RangeVar] = []
+    stack: list[object] = [stmt]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Node):
+            if isinstance(n, ast.CommonTableExpr):
+                ctes.add(n.ctename)
+            if isinstance(n, ast.RangeVar):
+                found.append(n)
+            else:
+                for name in n:
+                    stack.append(getattr(n, name))
+        elif isinstance(n, tuple | list):
+            stack.extend(n)
+    return any(
+        is_catalog_table(rv.schemaname, rv.relname) for rv in found if not (rv.schemaname is None and rv.relname in ctes)
+    )

@@ -230,7 +230,7 @@ def _plan_modify(stmt: ast.UpdateStmt | ast.DeleteStmt, sql: str, scan: Relation
     target = stmt.relation
     target_occ = next(o for o in scan.occurrences if o.node is target) if any(o.node is target for o in scan.occurrences) else None
     verb = "UPDATE" if isinstance(stmt, ast.UpdateStmt) else "DELETE"
-    returning = bool(stmt.returningList)
+    returning = bool(stmt.returningClause)
     if target_occ is None:
         # Writing a local table while reading catalog tables: the catalog tables' data is not
         # on the metadata node.
@@ -262,7 +262,7 @@ def _plan_modify(stmt: ast.UpdateStmt | ast.DeleteStmt, sql: str, scan: Relation
 def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, search_path, aggregate_names) -> Plan:
     target = stmt.relation
     target_occ = next((o for o in scan.occurrences if o.node is target), None)
-    returning = bool(stmt.returningList)
+    returning = bool(stmt.returningClause)
     if target_occ is None:
         raise combine.unsupported("INSERT into a local table from distributed or reference tables")
     table = target_occ.table

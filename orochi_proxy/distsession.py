@@ -1,0 +1,246 @@
+"""Statements on distributed and reference tables, inside a client session.
+
+The logical table stays defined (empty) on the metadata node, so the session forwards the
+client's Parse, Describe, Bind and Close of such statements to its metadata-node connection
+unchanged: PostgreSQL itself then infers parameter types, describes result columns and checks
+bound values, with its own error messages. Only Execute (and a simple Query) is answered by the
+proxy: the statement is planned (``rewriter.planner``, cached per text, search_path and catalog
+version) and run on the nodes by ``executor.distributed``, whose rows go straight to the client.
+
+Inside a transaction block, distributed reads are allowed at READ COMMITTED (each statement
+takes its own snapshot, as PostgreSQL does at that level); distributed writes inside a block and
+stricter isolation levels get 0A000 until distributed transactions are implemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from executor import distributed
+from executor import protocol as pg
+from executor.protocol import PgError
+from rewriter.intercept import Distributed
+from rewriter.planner import Plan, plan_statement
+
+if TYPE_CHECKING:
+    from orochi_proxy.server import ProxyServer
+    from orochi_proxy.session import Session
+
+
+class DistStatement:
+    """A client's prepared statement that mentions catalog tables."""
+
+    __slots__ = ("action", "param_oids", "client_oids")
+
+    def __init__(self, action: Distributed, client_oids: list[int]) -> None:
+        self.action = action
+        self.client_oids = client_oids
+        self.param_oids: list[int] | None = None  # as the metadata node inferred them
+
+
+class DistPortal:
+    __slots__ = ("statement", "bind", "done", "statement_name")
+
+    def __init__(self, statement: DistStatement, bind: pg.BindMsg, statement_name: str) -> None:
+        self.statement = statement
+        self.bind = bind
+        self.statement_name = statement_name
+        self.done = False
+
+
+class PlanCache:
+    """Plans by (statement text, search_path, catalog version); bounded LRU."""
+
+    def __init__(self, size: int = 2000) -> None:
+        self.size = size
+        self._plans: OrderedDict[tuple, Plan | None] = OrderedDict()
+
+    def get(self, server: ProxyServer, action: Distributed, search_path: tuple[str, ...]) -> Plan | None:
+        model = server.catalog.model
+        key = (action.sql, search_path, model.version)
+        try:
+            plan = self._plans[key]
+            self._plans.move_to_end(key)
+            return plan
+        except KeyError:
+            pass
+        plan = plan_statement(action.stmt, action.sql, model, search_path, model.aggregate_names)
+        self._plans[key] = plan
+        if len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+        return plan
+
+
+class TypeNames:
+    """OID → (SQL type name, array type OID), loaded from the metadata node on demand."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self._known: dict[int, tuple[str, int]] = {}
+        self._lock = asyncio.Lock()
+
+    async def lookup(self, oids: list[int]) -> list[tuple[str, int]]:
+        missing = [o for o in oids if o not in self._known]
+        if missing:
+            async with self._lock:
+                missing = [o for o in oids if o not in self._known]
+                if missing:
+                    await self._load(missing)
+        out = []
+        for o in oids:
+            name, arr = self._known.get(o, ("text", 1009))
+            if arr == 0:
+                raise PgError("0A000", f"cannot combine values of type {name} across shards (it has no array type)")
+            out.append((name, arr))
+        return out
+
+    async def _load(self, oids: list[int]) -> None:
+        pool = self.server.metadata_pool(self.server.config.metadata.dbname)
+        conn = await pool.acquire()
+        try:
+            rows = await conn.simple_query(
+                "SELECT oid::text, pg_catalog.format_type(oid, NULL), typarray::text FROM pg_catalog.pg_type "
+                f"WHERE oid IN ({', '.join(str(int(o)) for o in oids)})"
+            )
+        finally:
+            pool.release(conn, reset=False)
+        for oid, name, arr in rows:
+            self._known[int(oid)] = (name.decode(), int(arr))  # type: ignore[union-attr,arg-type]
+
+
+class DistributedRunner:
+    """Per-session helper: describe, plan and execute statements on catalog tables."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.server = session.server
+        self.search_path: tuple[str, ...] | None = None
+
+    # ------------------------------------------------------------------ session facts
+    async def current_search_path(self) -> tuple[str, ...]:
+        if self.search_path is None:
+            rows = await self._backend_query("SELECT pg_catalog.array_to_string(pg_catalog.current_schemas(false), ',')")
+            text = rows[0][0].decode() if rows and rows[0][0] else ""  # type: ignore[union-attr]
+            self.search_path = tuple(s for s in text.split(",") if s)
+        return self.search_path
+
+    def invalidate_search_path(self) -> None:
+        self.search_path = None
+
+    async def _backend_query(self, sql: str) -> list[list[bytes | None]]:
+        msgs = await self.session._collect_from_backend(pg.query(sql))
+        rows: list[list[bytes | None]] = []
+        for t, p in msgs:
+            if t == ord("D"):
+                rows.append(pg.decode_data_row(p))
+            elif t == ord("E"):
+                raise PgError.from_payload(p)
+        return rows
+
+    async def _check_transaction(self, plan: Plan) -> None:
+        s = self.session
+        if s.tx_status == pg.TX_FAILED:
+            raise PgError("25P02", "current transaction is aborted, commands ignored until end of transaction block")
+        if s.tx_status == pg.TX_BLOCK:
+            if plan.kind not in ("select", "ref_select"):
+                raise PgError(
+                    "0A000",
+                    "writes to distributed or reference tables inside a transaction block are not supported yet",
+                    hint="Run the write outside BEGIN ... COMMIT (autocommit); multi-shard writes are atomic on their own.",
+                )
+            rows = await self._backend_query("SELECT pg_catalog.current_setting('transaction_isolation')")
+            level = rows[0][0].decode() if rows and rows[0][0] else ""  # type: ignore[union-attr]
+            if level != "read committed":
+                raise PgError(
+                    "0A000",
+                    f"reading distributed tables in a {level.upper()} transaction is not supported yet",
+                    hint="Use READ COMMITTED, or read outside the transaction block.",
+                )
+
+    async def plan(self, action: Distributed) -> Plan:
+        search_path = await self.current_search_path()
+        plan = self.server.plans.get(self.server, action, search_path)
+        if plan is None:
+            raise PgError(
+                "0A000",
+                f"this statement on a distributed or reference table is not supported yet: {action.sql[:80]}",
+                hint="Supported: SELECT, INSERT ... VALUES, UPDATE, DELETE; admin functions for DDL.",
+            )
+        return plan
+
+    def _context(self, *, row_description: bytes | None) -> distributed.ExecContext:
+        s = self.session
+        server = self.server
+        database = s.database
+        md = server.catalog.metadata_node
+        return distributed.ExecContext(
+            database=database,
+            pool_for=lambda node_id: server.node_pool(node_id, database),
+            metadata_pool=lambda: server.metadata_pool(database),
+            metadata_node_id=md.node_id if md is not None else None,
+            write=s.client.write,
+            drain=s.client.drain,
+            settings=s.output_settings(),
+            type_names=server.type_names.lookup,
+            row_description=row_description,
+        )
+
+    # ------------------------------------------------------------------ extended protocol
+    async def describe_params(self, ds: DistStatement, statement_name: str) -> list[int]:
+        """Parameter types of the client's statement as the metadata node inferred them."""
+        if ds.param_oids is None:
+            data = pg.message(b"D", b"S" + pg.cstr(statement_name)) + pg.FLUSH
+            msgs = await self.session._collect_until(data, (ord("T"), ord("n"), ord("E")))
+            oids: list[int] = []
+            for t, p in msgs:
+                if t == ord("t"):
+                    import struct
+
+                    (n,) = struct.unpack_from("!h", p, 0)
+                    oids = list(struct.unpack_from(f"!{n}I", p, 2)) if n else []
+                elif t == ord("E"):
+                    raise PgError.from_payload(p)
+            ds.param_oids = oids
+        return ds.param_oids
+
+    async def execute_portal(self, dp: DistPortal) -> tuple[bytes, bool]:
+        metrics = self.server.metrics
+        if dp.done:
+            return pg.command_complete("SELECT 0"), False
+        plan = await self.plan(dp.statement.action)
+        await self._check_transaction(plan)
+        oids = await self.describe_params(dp.statement, dp.statement_name)
+        ctx = self._context(row_description=None)
+        ctx.params = dp.bind.params
+        ctx.param_formats = dp.bind.param_formats
+        ctx.param_oids = oids
+        ctx.result_formats = dp.bind.result_formats
+        metrics.statements.labels(_strategy(plan)).inc()
+        await distributed.execute(plan, ctx)
+        dp.done = True
+        return b"", False
+
+    # ------------------------------------------------------------------ simple protocol
+    async def run_simple(self, action: Distributed) -> None:
+        """One statement of a simple Query: describe on the shell, run, write T/D/C."""
+        plan = await self.plan(action)
+        await self._check_transaction(plan)
+        data = pg.parse_message("", action.sql) + pg.message(b"D", b"S\x00") + pg.SYNC
+        msgs = await self.session._collect_from_backend(data)
+        row_description = None
+        for t, p in msgs:
+            if t == ord("T"):
+                row_description = pg.message(b"T", p)
+            elif t == ord("E"):
+                raise PgError.from_payload(p)
+        ctx = self._context(row_description=row_description)
+        self.server.metrics.statements.labels(_strategy(plan)).inc()
+        await distributed.execute(plan, ctx)
+
+
+def _strategy(plan: Plan) -> str:
+    if plan.kind in ("select", "modify", "insert"):
+        return "multi_shard" if plan.pins is None and plan.kind != "insert" else "router"
+    return "router"
