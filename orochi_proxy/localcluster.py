@@ -524,6 +524,11 @@ class LocalCluster:
     @staticmethod
     def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # PostgreSQL binds with SO_REUSEADDR, so connections of the previous run still in
+            # TIME_WAIT do not keep it off its port; without the flag here a node restarted
+            # after a crash always moved to a new port, and clients configured with the old
+            # one (a proxy) could not reach it again.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
