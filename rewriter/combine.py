@@ -320,7 +320,9 @@ class _Splitter:
         elif name in _VARIANCE:
             x = args[0]
             is_float = self.arg_types.get(id(fc)) in _FLOAT_TYPES
-            tname = "double precision" if is_float else "numeric"
+            # One-word names: cast() makes a one-part TypeName, which deparses quoted
+            # ("double precision" would name a type that does not exist).
+            tname = "float8" if is_float else "numeric"
             xx = cast(copy.deepcopy(x), tname)
             slot.partial_cols.append(partial("count", copy.deepcopy(x)))
             slot.partial_cols.append(partial("sum", xx))
