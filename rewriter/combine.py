@@ -212,7 +212,9 @@ def _final_expr(slot: AggSlot, types: list[str]) -> str:
     p = [f"w{i}" for i in slot.partial_cols]
     t = [types[i] for i in slot.partial_cols]
     if name == "count":
-        return f"sum({p[0]})::bigint"
+        # No partial rows at all (a worker GROUP BY, e.g. for another aggregate's DISTINCT,
+        # over no input) must still count 0, not NULL.
+        return f"coalesce(sum({p[0]}), 0)::bigint"
     if name == "sum":
         return f"sum({p[0]})::{t[0]}"
     if name in ("min", "max", "bool_and", "bool_or"):
