@@ -282,6 +282,12 @@ class _Splitter:
         for a in fc.args or ():
             if contains(a, self.is_agg):
                 raise PgError("42803", "aggregate function calls cannot be nested")
+        # The same call again (ORDER BY/HAVING repeating a select-list aggregate) reuses its
+        # slot: identical combine text is what lets SELECT DISTINCT ... ORDER BY agg(...)
+        # match the ORDER BY item to the select list, and no partials are computed twice.
+        for j, other in enumerate(self.aggs):
+            if other.call == fc:
+                return col(f"__orochi_agg_{j}")
         slot = AggSlot(fc, name)
         idx = len(self.aggs)
         self.aggs.append(slot)
