@@ -493,6 +493,10 @@ class _Splitter:
                 dons = []
                 for e in s.distinctClause:
                     ref = self._output_ref(e, targets, star)
+                    if ref is None and e in extra:
+                        # Also a sort key: the same worker column, or DISTINCT ON (w3) would not
+                        # match ORDER BY w1 (42P10) in the combine query.
+                        ref = ("extra", extra.index(e))
                     if ref is None:
                         extra.append(copy.deepcopy(e))
                         ref = ("extra", len(extra) - 1)
