@@ -408,6 +408,12 @@ class Session:
         portal, _max_rows = pg.decode_execute(payload)
         dp = self.dist_portals.get(portal)
         if dp is not None:
+            if self.backend is not None and any(p.__class__ is int for p in self.pending):
+                # The Parse/Bind/Describe before this Execute went to the metadata node with no
+                # Sync or Flush; the task waits for their answers to reach the head of
+                # ``pending``, while the client's Sync waits in the backlog behind the task.
+                # Without a Flush the node never answers and the session deadlocks.
+                self.backend.write(pg.FLUSH)
             self._enqueue_task(lambda: self.dist.execute_portal(dp), extended=True)
             return
         lp = self.local_portals.get(portal)
