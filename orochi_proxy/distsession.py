@@ -209,9 +209,11 @@ class DistributedRunner:
         metrics = self.server.metrics
         if dp.done:
             return pg.command_complete("SELECT 0"), False
+        # Parameter types first: planning and the transaction check may run simple queries on
+        # the metadata connection, and a simple Query destroys the unnamed statement there.
+        oids = await self.describe_params(dp.statement, dp.statement_name)
         plan = await self.plan(dp.statement.action)
         await self._check_transaction(plan)
-        oids = await self.describe_params(dp.statement, dp.statement_name)
         ctx = self._context(row_description=None)
         ctx.params = dp.bind.params
         ctx.param_formats = dp.bind.param_formats
