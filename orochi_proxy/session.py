@@ -408,12 +408,6 @@ class Session:
         portal, _max_rows = pg.decode_execute(payload)
         dp = self.dist_portals.get(portal)
         if dp is not None:
-            if self.backend is not None and any(p.__class__ is int for p in self.pending):
-                # The Parse/Bind/Describe before this Execute went to the metadata node with no
-                # Sync or Flush; the task waits for their answers to reach the head of
-                # ``pending``, while the client's Sync waits in the backlog behind the task.
-                # Without a Flush the node never answers and the session deadlocks.
-                self.backend.write(pg.FLUSH)
             self._enqueue_task(lambda: self.dist.execute_portal(dp), extended=True)
             return
         lp = self.local_portals.get(portal)
@@ -489,6 +483,13 @@ class Session:
     def _enqueue_task(
         self, run: Callable[[], Awaitable[tuple[bytes, bool]]], *, extended: bool
     ) -> None:
+        if self.backend is not None and any(p.__class__ is int for p in self.pending):
+            # Messages forwarded before this one (a pipeline's earlier statements, the
+            # Parse/Bind/Describe of this Execute) went to the node with no Sync or Flush; the
+            # task waits for their answers to reach the head of ``pending``, while the client's
+            # Sync waits in the backlog behind the task. Without a Flush the node never answers
+            # and the session deadlocks (admin calls and distributed statements alike).
+            self.backend.write(pg.FLUSH)
         self.pending.append(LocalAnswer(run=run, extended=extended))
         self.blocked += 1
         self._pump()
