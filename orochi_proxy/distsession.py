@@ -159,16 +159,23 @@ class DistributedRunner:
                     hint="Use READ COMMITTED, or read outside the transaction block.",
                 )
 
-    async def plan(self, action: Distributed) -> Plan:
+    async def plan(self, action: Distributed) -> Plan | None:
+        """The cached plan, or None for a statement that is not a query (DDL, COPY, ...)."""
         search_path = await self.current_search_path()
-        plan = self.server.plans.get(self.server, action, search_path)
-        if plan is None:
+        return self.server.plans.get(self.server, action, search_path)
+
+    async def run_other(self, action: Distributed) -> str:
+        """DDL on catalog tables (or 0A000): returns the command tag."""
+        from orochi_proxy.distddl import run_ddl
+
+        tag = await run_ddl(self, action)
+        if tag is None:
             raise PgError(
                 "0A000",
                 f"this statement on a distributed or reference table is not supported yet: {action.sql[:80]}",
-                hint="Supported: SELECT, INSERT ... VALUES, UPDATE, DELETE; admin functions for DDL.",
+                hint="Supported: SELECT, INSERT ... VALUES, UPDATE, DELETE, COPY, and ALTER TABLE/CREATE INDEX/DROP INDEX/TRUNCATE/DROP TABLE.",
             )
-        return plan
+        return tag
 
     def _context(self, *, row_description: bytes | None) -> distributed.ExecContext:
         s = self.session
@@ -213,6 +220,10 @@ class DistributedRunner:
         # the metadata connection, and a simple Query destroys the unnamed statement there.
         oids = await self.describe_params(dp.statement, dp.statement_name)
         plan = await self.plan(dp.statement.action)
+        if plan is None:
+            tag = await self.run_other(dp.statement.action)
+            dp.done = True
+            return pg.command_complete(tag), False
         await self._check_transaction(plan)
         ctx = self._context(row_description=None)
         ctx.params = dp.bind.params
@@ -228,6 +239,9 @@ class DistributedRunner:
     async def run_simple(self, action: Distributed) -> None:
         """One statement of a simple Query: describe on the shell, run, write T/D/C."""
         plan = await self.plan(action)
+        if plan is None:
+            self.session.client.write(pg.command_complete(await self.run_other(action)))
+            return
         await self._check_transaction(plan)
         data = pg.parse_message("", action.sql) + pg.message(b"D", b"S\x00") + pg.SYNC
         msgs = await self.session._collect_from_backend(data)

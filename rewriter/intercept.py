@@ -118,7 +118,9 @@ class Interceptor:
         self._pattern = re.compile(
             rb"(?<![A-Za-z0-9_$])(?:"
             + b"|".join(re.escape(n.encode()) for n in names)
-            + rb")(?![A-Za-z0-9_$])|U&\"",
+            + rb")(?![A-Za-z0-9_$])|U&\""
+            # DROP INDEX / ALTER INDEX name only the index: the proxy must look at them too.
+            + rb"|\b(?:drop|alter)\s+index\b",
             re.IGNORECASE,
         ) if names else None
 
@@ -241,7 +243,24 @@ def _arg_value(node: ast.Node, fn: str) -> Arg:
 
 
 def _mentions(stmt: ast.Node, is_catalog_table) -> bool:
-    """Whether any RangeVar in ``stmt`` names a catalog table (CTE names excluded)."""
+    """Whether ``stmt`` may concern a catalog table (CTE names excluded).
+
+    Besides RangeVars: ``DROP TABLE`` names tables as plain name lists, and ``DROP INDEX`` /
+    ``ALTER INDEX`` name only an index (its table is looked up later, on the metadata node).
+    """
+    from pglast.enums import ObjectType
+
+    if isinstance(stmt, ast.DropStmt):
+        if stmt.removeType == ObjectType.OBJECT_INDEX:
+            return True
+        if stmt.removeType == ObjectType.OBJECT_TABLE:
+            for obj in stmt.objects or ():
+                names = [x.sval for x in obj]
+                if is_catalog_table(names[-2] if len(names) >= 2 else None, names[-1]):
+                    return True
+            return False
+    if isinstance(stmt, ast.RenameStmt) and stmt.renameType == ObjectType.OBJECT_INDEX:
+        return True
     ctes: set[str] = set()
     found: list[ast.RangeVar] = []
     stack: list[object] = [stmt]

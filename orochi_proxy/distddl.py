@@ -1,0 +1,245 @@
+"""DDL on distributed and reference tables: the logical table and every shard change together.
+
+One statement (ALTER TABLE, CREATE/DROP INDEX, TRUNCATE, DROP TABLE, ALTER TABLE RENAME, ALTER
+INDEX RENAME) becomes: the original statement on the metadata node (it validates the statement
+and changes the logical table), plus the per-shard statements of ``rewriter.ddl`` on the nodes.
+All of it is one two-phase transaction: every participant runs its part inside ``BEGIN`` and
+``PREPARE TRANSACTION``; only when all have prepared is each committed, otherwise all roll back,
+so a failure on one node leaves no half-applied change. The catalog rows (a dropped or renamed
+table, and the catalog version that makes every proxy re-plan) change inside the metadata
+node's part of that same transaction — the catalog lives in the metadata database.
+
+``CREATE/DROP INDEX CONCURRENTLY`` cannot run in a transaction block; those run node by node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from executor import protocol as pg
+from executor.backend import BackendConnection
+from executor.distributed import _PROCESS_TAG, GID_PREFIX, _gid_counter
+from executor.protocol import PgError
+from executor.tabledef import read_index_names
+from rewriter import ddl
+from rewriter.intercept import Distributed
+from rewriter.model import TableInfo
+
+if TYPE_CHECKING:
+    from orochi_proxy.distsession import DistributedRunner
+
+SCHEMA = "orochi_catalog"
+log = logging.getLogger(__name__)
+
+
+def _literal(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _catalog_sql(kind: str, stmt, tables: list[TableInfo]) -> list[str]:
+    """Catalog changes to make in the metadata node's transaction for this DDL."""
+    out: list[str] = []
+    if kind == "drop_table":
+        for t in tables:
+            out.append(
+                f"DELETE FROM {SCHEMA}.tables WHERE schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"
+            )
+    elif kind == "rename_table":
+        new = ddl._unwrap(stmt).newname
+        for t in tables:
+            out.append(
+                f"UPDATE {SCHEMA}.tables SET table_name = {_literal(new)} "
+                f"WHERE schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"
+            )
+    out.append(f"UPDATE {SCHEMA}.catalog_version SET version = version + 1")
+    return out
+
+
+# NOTIFY cannot be part of a prepared transaction: it is sent right after the commit.
+_NOTIFY = f"SELECT pg_notify('orochi_catalog_changed', (SELECT version::text FROM {SCHEMA}.catalog_version))"
+
+
+async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
+    """Run DDL on catalog tables; returns the command tag, or None if ``action`` is not such DDL."""
+    session = runner.session
+    server = runner.server
+    stmt = action.stmt
+    kind = ddl.classify_ddl(stmt)
+    if kind is None:
+        return None
+    if session.tx_status != pg.TX_IDLE:
+        raise PgError("25001", "DDL on distributed or reference tables cannot run inside a transaction block")
+    search_path = await runner.current_search_path()
+    model = server.catalog.model
+
+    def resolve(schema: str | None, name: str) -> TableInfo | None:
+        return model.lookup(schema, name, search_path)
+
+    index_tables: dict[tuple[str | None, str], TableInfo | None] = {}
+
+    async def load_index_owner(schema: str | None, name: str) -> None:
+        qual = f"{_quote(schema)}.{_quote(name)}" if schema else _quote(name)
+        rows = await runner._backend_query(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_index i "
+            "JOIN pg_catalog.pg_class c ON c.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE i.indexrelid = pg_catalog.to_regclass({_literal(qual)})"
+        )
+        index_tables[(schema, name)] = index_tables[(None, name)] = (
+            model.tables.get((rows[0][0].decode(), rows[0][1].decode())) if rows else None  # type: ignore[union-attr]
+        )
+
+    if kind in ("drop_index", "rename_index"):
+        for schema, name in _index_names(stmt):
+            await load_index_owner(schema, name)
+
+    def resolve_index(schema: str | None, name: str) -> TableInfo | None:
+        return index_tables.get((schema, name), index_tables.get((None, name)))
+
+    targets = ddl.ddl_targets(stmt, resolve, resolve_index)
+    if not targets:
+        # e.g. DROP INDEX of an index on a plain table: nothing to do on shards.
+        return await _run_tagged(runner, action.sql)
+    for t in targets:
+        ddl.check_ddl_supported(stmt, t)
+    concurrently = bool(getattr(ddl._unwrap(stmt), "concurrent", False))
+
+    before: set[str] = set()
+    if kind == "create_index" and ddl.needs_index_name(stmt):
+        t = targets[0]
+        before = await read_index_names(runner_query(runner), t.schema, t.name)
+
+    # Participants: the metadata node (session connection) + every node holding a shard.
+    gid = f"{GID_PREFIX}{_PROCESS_TAG}_ddl_{next(_gid_counter)}"
+    shard_stmt = stmt
+    if concurrently:
+        tag = await _run_tagged(runner, action.sql)
+    else:
+        tag = await _run_tagged(runner, "BEGIN", action.sql)
+    if kind == "create_index" and ddl.needs_index_name(stmt):
+        # Read inside the still-open transaction: after PREPARE the new index is invisible.
+        t = targets[0]
+        after = await read_index_names(runner_query(runner), t.schema, t.name)
+        new = sorted(after - before)
+        if len(new) != 1:
+            if not concurrently:
+                await _run_tagged(runner, "ROLLBACK")
+            raise PgError("XX000", "could not determine the name of the new index")
+        shard_stmt = ddl.name_index(stmt, new[0])
+    if not concurrently:
+        await _run_tagged(runner, *_catalog_sql(kind, stmt, targets), f"PREPARE TRANSACTION '{gid}'")
+    try:
+        per_node: dict[int, list[str]] = defaultdict(list)
+        for table, part in ddl.split_by_table(shard_stmt, resolve, resolve_index):
+            if table is None:
+                continue
+            for shard in table.shards:
+                sql = ddl.shard_ddl_statement(part, table, shard)
+                for node in shard.node_ids:
+                    per_node[node].append(sql)
+        log.debug("DDL %s on %s: %d shard statements on %d nodes", kind, [t.name for t in targets], sum(map(len, per_node.values())), len(per_node))
+        if concurrently:
+            await _run_per_node(runner, per_node, transactional=False)
+        else:
+            await _two_phase(runner, per_node, gid)
+    except BaseException:
+        if not concurrently:
+            await _run_tagged(runner, f"ROLLBACK PREPARED '{gid}'")
+        raise
+    if not concurrently:
+        # Each on its own: COMMIT PREPARED refuses to run inside a multi-statement Query.
+        await _run_tagged(runner, f"COMMIT PREPARED '{gid}'")
+        await _run_tagged(runner, _NOTIFY)
+    await server.catalog.reload()
+    runner.server.plans = type(runner.server.plans)()  # plans mention old shapes
+    return tag
+
+
+def _quote(name: str | None) -> str:
+    if name is None:
+        return ""
+    if name.isidentifier() and name == name.lower() and name.isascii():
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _index_names(stmt) -> list[tuple[str | None, str]]:
+    s = ddl._unwrap(stmt)
+    out: list[tuple[str | None, str]] = []
+    if hasattr(s, "objects") and s.objects:
+        for obj in s.objects:
+            names = [x.sval for x in obj]
+            out.append((names[0], names[1]) if len(names) == 2 else (None, names[-1]))
+    elif getattr(s, "relation", None) is not None:
+        rv = s.relation
+        out.append((rv.schemaname, rv.relname))
+    return out
+
+
+def runner_query(runner: DistributedRunner):
+    async def query(sql: str) -> list[list[str | None]]:
+        rows = await runner._backend_query(sql)
+        return [[None if v is None else v.decode() for v in r] for r in rows]
+
+    return query
+
+
+async def _run_tagged(runner: DistributedRunner, *statements: str) -> str:
+    """Run statements on the session's metadata connection; the tag of the first non-BEGIN one."""
+    msgs = await runner.session._collect_from_backend(pg.query("; ".join(statements)))
+    tag = ""
+    for t, p in msgs:
+        if t == ord("C") and not tag:
+            text = pg.read_cstr(p, 0)[0]
+            if text != "BEGIN":
+                tag = text
+        elif t == ord("E"):
+            err = PgError.from_payload(p)
+            if runner.session.tx_status != pg.TX_IDLE:
+                await runner.session._collect_from_backend(pg.query("ROLLBACK"))
+            raise err
+    return tag
+
+
+async def _conn_for(runner: DistributedRunner, node: int) -> tuple[object, BackendConnection]:
+    pool = runner.server.node_pool(node, runner.session.database)
+    return pool, await pool.acquire()
+
+
+async def _run_per_node(runner: DistributedRunner, per_node: dict[int, list[str]], *, transactional: bool) -> None:
+    for node, stmts in per_node.items():
+        pool, conn = await _conn_for(runner, node)
+        try:
+            for s in stmts:
+                await conn.simple_query(s)
+        finally:
+            pool.release(conn, reset=not conn.usable)  # type: ignore[attr-defined]
+
+
+async def _two_phase(runner: DistributedRunner, per_node: dict[int, list[str]], gid: str) -> None:
+    """Prepare the shard statements on every node; commit all or roll back all."""
+    taken: list[tuple[object, BackendConnection]] = []
+    prepared: list[tuple[BackendConnection, str]] = []
+    try:
+        for node, stmts in per_node.items():
+            pool, conn = await _conn_for(runner, node)
+            taken.append((pool, conn))
+            try:
+                await conn.simple_query("BEGIN; " + "; ".join(stmts) + f"; PREPARE TRANSACTION '{gid}_{node}'")
+            except PgError:
+                if conn.usable and conn.tx_status != b"I":
+                    await conn.simple_query("ROLLBACK")
+                raise
+            prepared.append((conn, f"{gid}_{node}"))
+        for conn, g in prepared:
+            await conn.simple_query(f"COMMIT PREPARED '{g}'")
+        prepared.clear()
+    finally:
+        for conn, g in prepared:
+            try:
+                await conn.simple_query(f"ROLLBACK PREPARED '{g}'")
+            except PgError:
+                pass
+        for pool, conn in taken:
+            pool.release(conn, reset=not conn.usable)  # type: ignore[attr-defined]
