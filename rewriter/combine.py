@@ -243,8 +243,11 @@ def _final_expr(slot: AggSlot, types: list[str]) -> str:
         var = f"CASE WHEN {num} <= 0 THEN 0::numeric ELSE {num} / {den} END"
         guard = f"{n} > 1" if samp else f"{n} > 0"
         if name.startswith("stddev"):
-            # PostgreSQL takes the square root at the division's scale; round to it.
-            val = f"round(sqrt({var}), scale({var}))"
+            # PostgreSQL rounds the square root to the division's scale. sqrt() picks its own
+            # scale (often one more digit), and rounding that again is double rounding
+            # (...14887 -> ...15 -> ...2): take 20 extra digits (a zero of scale s+20 widens the
+            # argument's scale), then round once.
+            val = f"round(sqrt({var} + round(0::numeric, scale({var}) + 20)), scale({var}))"
         else:
             val = var
         return f"CASE WHEN {guard} THEN {val} END"
