@@ -37,10 +37,13 @@ RowSink = Callable[[bytes, list[tuple[int, int, int]]], None]
 class TaskRun:
     """Consumer for one request/response cycle (up to ReadyForQuery) on a backend connection."""
 
-    def __init__(self, conn: BackendConnection, *, sink: RowSink | None, collect: bool) -> None:
+    def __init__(
+        self, conn: BackendConnection, *, sink: RowSink | None, collect: bool, sink_types: tuple[int, ...] = (_D,)
+    ) -> None:
         self.conn = conn
         self.sink = sink
         self.collect = collect
+        self.sink_types = frozenset(sink_types)
         self.result = TaskResult(rows=[] if collect else None)
         self.done: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
 
@@ -49,7 +52,7 @@ class TaskRun:
         res = self.result
         for frame in frames:
             t, s, e = frame
-            if t == _D:
+            if t in self.sink_types:
                 if self.collect:
                     res.rows.append(pg.decode_data_row(buf[s + 5 : e]))  # type: ignore[union-attr]
                 elif self.sink is not None:
@@ -89,9 +92,13 @@ async def run_on(
     *,
     sink: RowSink | None = None,
     collect: bool = False,
+    sink_types: tuple[int, ...] = (_D,),
 ) -> TaskResult:
-    """Send ``messages`` (ending in Sync or a simple Query) and consume the answer up to ReadyForQuery."""
-    run = TaskRun(conn, sink=sink, collect=collect)
+    """Send ``messages`` (ending in Sync or a simple Query) and consume the answer up to ReadyForQuery.
+
+    Messages of ``sink_types`` (DataRow by default; CopyData for COPY TO) go to ``sink``.
+    """
+    run = TaskRun(conn, sink=sink, collect=collect, sink_types=sink_types)
     conn.consumer = run
     try:
         conn.write(messages)

@@ -166,9 +166,12 @@ class DistributedRunner:
 
     async def run_other(self, action: Distributed) -> str:
         """DDL on catalog tables (or 0A000): returns the command tag."""
+        from orochi_proxy.distcopy import run_copy
         from orochi_proxy.distddl import run_ddl
 
-        tag = await run_ddl(self, action)
+        tag = await run_copy(self, action)
+        if tag is None:
+            tag = await run_ddl(self, action)
         if tag is None:
             raise PgError(
                 "0A000",

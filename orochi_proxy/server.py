@@ -90,6 +90,14 @@ class ClientConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.resume_backend()
 
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.state != "closed":
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.state != "closed":
+            self.transport.resume_reading()
+
     async def drain(self) -> None:
         """Wait while the client's send buffer is above its high-water mark."""
         if not self._paused or self.state == "closed":

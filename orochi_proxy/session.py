@@ -141,6 +141,7 @@ class Session:
         self.dist_portals: dict[str, DistPortal] = {}
         self.dist = DistributedRunner(self)
         self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
+        self.copy_sink = None  # set while a proxy-run COPY FROM STDIN reads the client's data
         self.metrics = server.metrics
         # Children resolved once: label lookup per statement is measurable on the relay path.
         self._passthrough_count = server.metrics.statements.labels("passthrough")
@@ -241,6 +242,9 @@ class Session:
     def on_message(self, mtype: int, payload: bytes, frame: bytes) -> None:
         """Handle one complete frontend message (``frame`` is the whole message, header included)."""
         if self.closed:
+            return
+        if self.copy_sink is not None and mtype in (100, 99, 102):  # d c f: data for a proxy-run COPY
+            self.copy_sink.put(mtype, payload)
             return
         if self.blocked:
             self.backlog.append((mtype, frame))
@@ -569,6 +573,10 @@ class Session:
                     entry.task.cancel()
         if not pending:
             self.skipping = True
+        if not self.blocked and self.backlog and not self.closed:
+            # A dropped blocking answer held the client's later messages (its Sync among them)
+            # in the backlog; nothing else would replay them after a node-reported error.
+            asyncio.get_running_loop().call_soon(self._drain_backlog)
 
     # ------------------------------------------------------------------ node → client
     def on_backend_messages(

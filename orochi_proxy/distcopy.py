@@ -1,0 +1,445 @@
+"""COPY on distributed and reference tables.
+
+``COPY t FROM STDIN`` (text, csv, binary): the proxy answers CopyInResponse itself, splits the
+client's stream into rows (``executor.copysplit``), routes each row by its distribution value,
+and feeds per-shard buffers to the nodes: when a shard's buffer reaches ``FLUSH_BYTES`` it is
+sent as one ``COPY <shard> FROM STDIN`` inside that node's open transaction. Memory stays bounded
+(shards × FLUSH_BYTES plus the client messages in flight; the client is paused when too many
+wait). At CopyDone every node's transaction commits — two-phase across nodes, so the load is
+all-or-nothing. A reference table gets every row on every node.
+
+``COPY t TO STDOUT`` and ``COPY (query) TO STDOUT``: each shard (or, for a query, each node's
+union of shard queries) runs COPY TO STDOUT and its CopyData is relayed; CSV headers and binary
+headers/trailers are emitted once. Queries that need the combine step get 0A000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy as copymod
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from pglast import ast
+from pglast.stream import RawStream
+
+from executor import protocol as pg
+from executor.backend import BackendConnection
+from executor.copysplit import (
+    BINARY_HEADER,
+    BINARY_TRAILER,
+    BinarySplitter,
+    CsvSplitter,
+    TextSplitter,
+)
+from executor.distributed import _PROCESS_TAG, GID_PREFIX, _gid_counter, shard_of
+from executor.protocol import PgError
+from executor.tasks import run_on
+from rewriter.intercept import Distributed
+from rewriter.model import TableInfo
+from rewriter.planner import _quote_ident
+
+if TYPE_CHECKING:
+    from orochi_proxy.distsession import DistributedRunner
+
+FLUSH_BYTES = 256 * 1024
+_PAUSE_AT, _RESUME_AT = 64, 16
+
+
+class CopyInQueue:
+    """Client CopyData/CopyDone/CopyFail messages for the running COPY, with back-pressure."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.paused = False
+
+    def put(self, mtype: int, payload: bytes) -> None:
+        self.queue.put_nowait((mtype, payload))
+        if not self.paused and self.queue.qsize() >= _PAUSE_AT:
+            self.paused = True
+            self.session.client.pause_reading()
+
+    async def get(self) -> tuple[int, bytes]:
+        item = await self.queue.get()
+        if self.paused and self.queue.qsize() <= _RESUME_AT:
+            self.paused = False
+            self.session.client.resume_reading()
+        return item
+
+
+def _options(stmt: ast.CopyStmt) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for d in stmt.options or ():
+        arg = d.arg
+        if isinstance(arg, ast.String):
+            out[d.defname] = arg.sval
+        elif isinstance(arg, ast.Integer):
+            out[d.defname] = arg.ival
+        elif isinstance(arg, ast.Boolean):
+            out[d.defname] = arg.boolval
+        elif arg is None:
+            out[d.defname] = True
+        else:
+            out[d.defname] = arg
+    return out
+
+
+def _shard_copy_sql(stmt: ast.CopyStmt, table: TableInfo, shard_name: str, *, drop_header: bool) -> str:
+    s = copymod.deepcopy(stmt)
+    s.relation = ast.RangeVar(schemaname=table.schema, relname=shard_name, inh=True, relpersistence="p")
+    if drop_header and s.options:
+        s.options = tuple(d for d in s.options if d.defname != "header") or None
+    return RawStream()(s)
+
+
+def _is_true(v: object) -> bool:
+    if isinstance(v, bool):
+        return v
+    return str(v).lower() in ("true", "on", "1", "yes")
+
+
+class _NodeWriter:
+    """One node's connection and open transaction for a COPY load."""
+
+    def __init__(self, conn: BackendConnection, pool) -> None:
+        self.conn = conn
+        self.pool = pool
+
+    async def copy(self, sql: str, data: bytes) -> int:
+        msgs = await self.conn.exchange(pg.query(sql), until=(ord("G"), ord("E")))
+        for t, p in msgs:
+            if t == ord("E"):
+                self.conn.broken = True
+                raise PgError.from_payload(p)
+        self.conn.write(pg.message(b"d", data))
+        res = await run_on(self.conn, pg.message(b"c"))
+        if res.error is not None:
+            raise res.error
+        return int(res.tags[-1].split()[-1]) if res.tags else 0
+
+
+async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: TableInfo) -> str:
+    session = runner.session
+    server = runner.server
+    opts = _options(stmt)
+    fmt = str(opts.get("format", "text")).lower()
+    columns = [c.sval for c in stmt.attlist] if stmt.attlist else list(table.columns)
+    if not table.is_reference and table.dist_column not in columns:
+        raise PgError("23502", f'COPY into "{table.name}" must include the distribution column "{table.dist_column}"')
+    key_index = columns.index(table.dist_column) if not table.is_reference else 0
+    if fmt == "text":
+        splitter = TextSplitter(key_index, str(opts.get("delimiter", "\t")), str(opts.get("null", "\\N")))
+    elif fmt == "csv":
+        splitter = CsvSplitter(
+            key_index, str(opts.get("delimiter", ",")), str(opts.get("quote", '"')),
+            opts.get("escape"), str(opts.get("null", "")), _is_true(opts.get("header", False)),  # type: ignore[arg-type]
+        )
+    elif fmt == "binary":
+        splitter = BinarySplitter(key_index, table.dist_type or "text")
+    else:
+        raise PgError("22023", f'COPY format "{fmt}" not recognized')
+    ncols = len(columns)
+    fcode = 1 if fmt == "binary" else 0
+    queue = CopyInQueue(session)
+    session.copy_sink = queue
+    session.client.write(pg.message(b"G", bytes([fcode]) + ncols.to_bytes(2, "big") + fcode.to_bytes(2, "big") * ncols))
+
+    writers: dict[int, _NodeWriter] = {}
+    buffers: dict[int, list[bytes]] = defaultdict(list)
+    sizes: dict[int, int] = defaultdict(int)
+    total = 0
+    error: BaseException | None = None
+
+    async def writer_for(node: int) -> _NodeWriter:
+        w = writers.get(node)
+        if w is None:
+            pool = server.node_pool(node, session.database)
+            conn = await pool.acquire()
+            w = writers[node] = _NodeWriter(conn, pool)
+            await conn.simple_query("BEGIN")
+        return w
+
+    async def flush(idx: int) -> None:
+        rows = buffers.pop(idx, [])
+        sizes.pop(idx, None)
+        if not rows:
+            return
+        shard = table.shards[idx]
+        data = b"".join(rows)
+        if fmt == "binary":
+            data = BINARY_HEADER + data + BINARY_TRAILER
+        sql = _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=True)
+        for node in shard.node_ids:
+            await (await writer_for(node)).copy(sql, data)
+
+    def route(rows: list[tuple[bytes, str | None]]) -> list[int]:
+        full = []
+        for row, key in rows:
+            if table.is_reference:
+                idx = 0
+            else:
+                if key is None:
+                    raise PgError("23502", f'null value in distribution column "{table.dist_column}" of relation "{table.name}"')
+                idx = shard_of(table.dist_type or "", key, table.shard_count)  # type: ignore[assignment]
+                if idx is None or idx < 0:
+                    raise PgError("22P02", f'invalid input for distribution column "{table.dist_column}": "{key}"')
+            buffers[idx].append(row)
+            sizes[idx] += len(row)
+            if sizes[idx] >= FLUSH_BYTES:
+                full.append(idx)
+        return full
+
+    try:
+        while True:
+            mtype, payload = await queue.get()
+            if mtype == ord("d"):
+                rows = splitter.feed(payload)
+                total += len(rows)
+                for idx in route(rows):
+                    await flush(idx)
+            elif mtype == ord("c"):
+                rows = splitter.finish()
+                total += len(rows)
+                route(rows)
+                for idx in list(buffers):
+                    await flush(idx)
+                break
+            elif mtype == ord("f"):
+                raise PgError("57014", f"COPY from stdin failed: {pg.read_cstr(payload, 0)[0]}")
+        await _commit(list(writers.values()))
+        writers.clear()
+        return f"COPY {total}"
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        session.copy_sink = None
+        if error is not None:
+            # The client keeps sending until CopyDone/CopyFail: swallow the rest of its data.
+            if not isinstance(error, asyncio.CancelledError):
+                await _discard_rest(queue, error)
+            for w in writers.values():
+                if w.conn.usable and w.conn.tx_status != b"I":
+                    try:
+                        await w.conn.simple_query("ROLLBACK")
+                    except PgError:
+                        w.conn.broken = True
+        for w in writers.values():
+            w.pool.release(w.conn, reset=not w.conn.usable)
+        if queue.paused:
+            session.client.resume_reading()
+
+
+async def _discard_rest(queue: CopyInQueue, error: BaseException) -> None:
+    if isinstance(error, PgError) and error.sqlstate == "57014" and "COPY from stdin failed" in error.message:
+        return  # CopyFail already consumed
+    session = queue.session
+    session.copy_sink = queue
+    try:
+        while True:
+            try:
+                mtype, _ = await asyncio.wait_for(queue.get(), 30)
+            except TimeoutError:
+                return
+            if mtype in (ord("c"), ord("f")):
+                return
+    finally:
+        session.copy_sink = None
+
+
+async def _commit(writers: list[_NodeWriter]) -> None:
+    if not writers:
+        return
+    if len(writers) == 1:
+        await writers[0].conn.simple_query("COMMIT")
+        return
+    gid = f"{GID_PREFIX}{_PROCESS_TAG}_copy_{next(_gid_counter)}"
+    prepared: list[_NodeWriter] = []
+    try:
+        for w in writers:
+            await w.conn.simple_query(f"PREPARE TRANSACTION '{gid}'")
+            prepared.append(w)
+    except PgError:
+        for w in prepared:
+            await w.conn.simple_query(f"ROLLBACK PREPARED '{gid}'")
+        raise
+    for w in prepared:
+        await w.conn.simple_query(f"COMMIT PREPARED '{gid}'")
+
+
+async def copy_to_stdout(runner: DistributedRunner, stmt: ast.CopyStmt, table: TableInfo | None, query_plan) -> str:
+    """Relay COPY TO STDOUT from the shards (table) or from each node's shard queries (query)."""
+    session = runner.session
+    server = runner.server
+    opts = _options(stmt)
+    fmt = str(opts.get("format", "text")).lower()
+    header = _is_true(opts.get("header", False))
+    jobs: list[tuple[int, str]] = []  # (node, COPY sql)
+    if table is not None:
+        ncols = len(stmt.attlist) if stmt.attlist else len(table.columns)
+        shards = table.shards[:1] if table.is_reference else table.shards
+        for i, shard in enumerate(shards):
+            sql = _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=i > 0)
+            jobs.append((shard.node_ids[0], sql))
+    else:
+        plan = query_plan
+        ncols = await _describe_columns(runner, stmt.query)
+        from executor.distributed import ExecContext, _by_node, _union_all, resolve_shards  # noqa: F401
+
+        ctx = runner._context(row_description=None)
+        shards = resolve_shards(plan, ctx)
+        if plan.kind == "ref_select":
+            node = plan.tables[0].shards[0].node_ids[0]
+            groups = {node: [0]}
+            template = plan.template
+        elif len(shards) <= 1:
+            idx = shards[0] if shards else 0
+            groups = {plan.tables[0].shards[idx].node_ids[0]: [idx]}
+            template = plan.template
+        else:
+            if plan.multi_error is not None:
+                raise plan.multi_error
+            if plan.split is None or plan.split.mode != "concat" or plan.split.limit is not None:
+                raise PgError(
+                    "0A000",
+                    "COPY (query) TO STDOUT over several shards supports only queries without aggregates, ORDER BY, DISTINCT or LIMIT",
+                    hint="Run the query with SELECT instead.",
+                )
+            groups = _by_node(plan, shards)
+            template = plan.worker_template
+        first = True
+        for node, node_shards in groups.items():
+            q = _union_all(plan, template, node_shards)
+            s = copymod.deepcopy(stmt)
+            s.query = None
+            s.relation = ast.RangeVar(relname="__orochi_q__", inh=True, relpersistence="p")
+            if not first and s.options:
+                s.options = tuple(d for d in s.options if d.defname != "header") or None
+            text = RawStream()(s).replace("__orochi_q__", f"({q})", 1)
+            jobs.append((node, text))
+            first = False
+    fcode = 1 if fmt == "binary" else 0
+    session.client.write(pg.message(b"H", bytes([fcode]) + ncols.to_bytes(2, "big") + fcode.to_bytes(2, "big") * ncols))
+    total = 0
+    settings = session.output_settings()
+    relay = _CopyRelay(session, binary=fmt == "binary")
+    for node, sql in jobs:
+        pool = server.node_pool(node, session.database)
+        conn = await pool.acquire()
+        try:
+            from executor.distributed import _with_settings
+
+            await _with_settings(conn, settings)
+            relay.next_node()
+            res = await run_on(conn, pg.query(sql), sink=relay.sink, sink_types=(ord("d"),))
+            if res.error is not None:
+                raise res.error
+            total += int(res.tags[-1].split()[-1]) if res.tags else 0
+        finally:
+            pool.release(conn, reset=not conn.usable)
+    relay.finish()
+    session.client.write(pg.message(b"c"))
+    del header
+    return f"COPY {total}"
+
+
+class _CopyRelay:
+    """Forward the nodes' CopyData as one stream, keeping PostgreSQL's message framing.
+
+    Text/CSV: every CopyData is one row; forwarded as is. Binary: the first message of a COPY
+    carries the file header in front of the first row and the last one is the trailer alone
+    (clients such as psycopg rely on that framing), so the header is kept only on the first row
+    of the whole stream, every node's trailer is dropped, and one trailer ends the stream.
+    """
+
+    def __init__(self, session, *, binary: bool) -> None:
+        self.session = session
+        self.binary = binary
+        self.header_sent = False
+        self.node_first = True
+
+    def next_node(self) -> None:
+        self.node_first = True
+
+    def sink(self, buf: bytes, frames: list[tuple[int, int, int]]) -> None:
+        if not self.binary:
+            self.session.client.write(b"".join(buf[s:e] for _, s, e in frames))
+            return
+        out = []
+        for _, s, e in frames:
+            data = buf[s + 5 : e]
+            if self.node_first:
+                self.node_first = False
+                if data.startswith(BINARY_HEADER[:11]):
+                    ext = int.from_bytes(data[15:19], "big")
+                    data = data[19 + ext :]
+            if data == BINARY_TRAILER or not data:
+                continue
+            if not self.header_sent:
+                data = BINARY_HEADER + data
+                self.header_sent = True
+            out.append(pg.message(b"d", data))
+        if out:
+            self.session.client.write(b"".join(out))
+
+    def finish(self) -> None:
+        if not self.binary:
+            return
+        if not self.header_sent:
+            # No rows at all: PostgreSQL sends header and trailer in one message.
+            self.session.client.write(pg.message(b"d", BINARY_HEADER + BINARY_TRAILER))
+            return
+        self.session.client.write(pg.message(b"d", BINARY_TRAILER))
+
+
+async def _describe_columns(runner: DistributedRunner, query: ast.Node) -> int:
+    sql = RawStream()(query)
+    data = pg.parse_message("", sql) + pg.message(b"D", b"S\x00") + pg.SYNC
+    msgs = await runner.session._collect_from_backend(data)
+    for t, p in msgs:
+        if t == ord("T"):
+            return int.from_bytes(p[:2], "big")
+        if t == ord("E"):
+            raise PgError.from_payload(p)
+    return 0
+
+
+async def run_copy(runner: DistributedRunner, action: Distributed) -> str | None:
+    """COPY involving catalog tables; None if ``action`` is not a COPY."""
+    stmt = action.stmt
+    if not isinstance(stmt, ast.CopyStmt):
+        return None
+    if stmt.filename is not None or stmt.is_program:
+        raise PgError(
+            "0A000",
+            "COPY to or from a server file or program is not supported on distributed tables",
+            hint="Use COPY ... FROM STDIN / TO STDOUT (psql: \\copy).",
+        )
+    session = runner.session
+    if session.tx_status == pg.TX_FAILED:
+        raise PgError("25P02", "current transaction is aborted, commands ignored until end of transaction block")
+    if stmt.is_from and session.tx_status != pg.TX_IDLE:
+        raise PgError("0A000", "COPY into distributed or reference tables inside a transaction block is not supported yet")
+    search_path = await runner.current_search_path()
+    model = runner.server.catalog.model
+    if stmt.relation is not None:
+        table = model.lookup(stmt.relation.schemaname, stmt.relation.relname, search_path)
+        if table is None:
+            return None
+        if stmt.whereClause is not None:
+            raise PgError("0A000", "COPY ... FROM STDIN WHERE is not supported on distributed tables")
+        if stmt.is_from:
+            return await copy_from_stdin(runner, stmt, table)
+        return await copy_to_stdout(runner, stmt, table, None)
+    from rewriter.planner import plan_statement
+
+    plan = plan_statement(stmt.query, RawStream()(stmt.query), model, search_path, model.aggregate_names)
+    if plan is None:
+        return None
+    if plan.kind not in ("select", "ref_select"):
+        raise PgError("0A000", "COPY (INSERT/UPDATE/DELETE ... RETURNING) TO STDOUT is not supported on distributed tables")
+    return await copy_to_stdout(runner, stmt, None, plan)
+
+
+__all__ = ["run_copy", "_quote_ident"]
