@@ -18,6 +18,8 @@ import asyncio
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from pglast import ast
+
 from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
@@ -222,6 +224,14 @@ class DistributedRunner:
         # Parameter types first: planning and the transaction check may run simple queries on
         # the metadata connection, and a simple Query destroys the unnamed statement there.
         oids = await self.describe_params(dp.statement, dp.statement_name)
+        if isinstance(dp.statement.action.stmt, ast.ExplainStmt):
+            from orochi_proxy.distexplain import explain, plan_rows
+
+            ctx = self._context(row_description=None)
+            ctx.params, ctx.param_formats, ctx.param_oids = dp.bind.params, dp.bind.param_formats, oids
+            lines = await explain(self, dp.statement.action, ctx)
+            dp.done = True
+            return plan_rows(lines, simple=False), False
         plan = await self.plan(dp.statement.action)
         if plan is None:
             tag = await self.run_other(dp.statement.action)
@@ -241,6 +251,12 @@ class DistributedRunner:
     # ------------------------------------------------------------------ simple protocol
     async def run_simple(self, action: Distributed) -> None:
         """One statement of a simple Query: describe on the shell, run, write T/D/C."""
+        if isinstance(action.stmt, ast.ExplainStmt):
+            from orochi_proxy.distexplain import explain, plan_rows
+
+            lines = await explain(self, action, self._context(row_description=None))
+            self.session.client.write(plan_rows(lines, simple=True))
+            return
         plan = await self.plan(action)
         if plan is None:
             self.session.client.write(pg.command_complete(await self.run_other(action)))
