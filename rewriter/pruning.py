@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, JoinType
 
+from rewriter.errors import PgError
+from rewriter.hashing import base_type
 from rewriter.relations import Occurrence
 
 
@@ -93,9 +95,44 @@ def _op_name(e: ast.A_Expr) -> str | None:
     return None
 
 
-def _const_value(node: ast.Node) -> PinValue | None:
-    """A literal, a cast literal or ``$n`` (cast or not)."""
+# Casts between these keep the value (or fail), so the literal's text is the compared value.
+_SAME_VALUE_TYPES = ({"smallint", "integer", "bigint"}, {"text", "character varying"})
+
+
+def _cast_keeps_value(type_name: ast.TypeName, dist_type: str) -> bool:
+    """Whether comparing the distribution column with ``literal::type_name`` compares with the
+    literal's own value.
+
+    Why: a cast can change the value. Typmods round or pad (``'1.2345'::numeric(10,2)`` is 1.23,
+    ``'abc  '::char(5)`` compares as text 'abc') and another type family compares in that type
+    (``bigint_col = 9007199254740993::float8`` also matches 9007199254740992). Routing by the
+    literal's text would then skip the shard holding the matching rows. Only casts to the
+    column's own base type (its typmod is applied by the hashing) or between integer widths or
+    text/varchar keep the value.
+    """
+    if type_name.typmods or type_name.arrayBounds or type_name.setof or type_name.pct_type:
+        return False
+    names = [n.sval for n in type_name.names if isinstance(n, ast.String)]
+    if len(names) == 2 and names[0] == "pg_catalog":
+        names = names[1:]
+    if len(names) != 1 or len(type_name.names) > 2:
+        return False
+    try:
+        cast_type, column_type = base_type(names[0]), base_type(dist_type)
+    except PgError:
+        return False
+    return cast_type == column_type or any(cast_type in f and column_type in f for f in _SAME_VALUE_TYPES)
+
+
+def _const_value(node: ast.Node, dist_type: str | None = None) -> PinValue | None:
+    """A literal, a cast literal or ``$n`` (cast or not).
+
+    With ``dist_type`` (the column compared with or stored into), a cast that may change the
+    value (see :func:`_cast_keeps_value`) gives None: no pin.
+    """
     if isinstance(node, ast.TypeCast):
+        if dist_type is not None and not _cast_keeps_value(node.typeName, dist_type):
+            return None
         node = node.arg
     if isinstance(node, ast.ParamRef):
         return PinValue("param", number=node.number)
@@ -161,14 +198,14 @@ class ScopeAnalyzer:
                 return
             for col, other in ((left, expr.rexpr), (right, expr.lexpr)):
                 if col is not None:
-                    v = _const_value(other)
+                    v = _const_value(other, col.table.dist_type)
                     if v is not None:
                         self.raw_pins.append((col.index, [v]))
         elif kind == A_Expr_Kind.AEXPR_IN and may_pin:
             col = self.column_occurrence(expr.lexpr)
             if col is None or not isinstance(expr.rexpr, tuple | list):
                 return
-            values = [_const_value(x) for x in expr.rexpr]
+            values = [_const_value(x, col.table.dist_type) for x in expr.rexpr]
             if all(v is not None for v in values):
                 self.raw_pins.append((col.index, values))  # type: ignore[arg-type]
         elif kind == A_Expr_Kind.AEXPR_OP_ANY and may_pin:
@@ -181,7 +218,7 @@ class ScopeAnalyzer:
             if isinstance(r, ast.ParamRef):
                 self.raw_pins.append((col.index, [PinValue("param_array", number=r.number)]))
             elif isinstance(r, ast.A_ArrayExpr):
-                values = [_const_value(x) for x in (r.elements or ())]
+                values = [_const_value(x, col.table.dist_type) for x in (r.elements or ())]
                 if values and all(v is not None for v in values):
                     self.raw_pins.append((col.index, values))  # type: ignore[arg-type]
 
