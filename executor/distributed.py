@@ -499,17 +499,41 @@ def _sum_tags(tags: list[str], verb: str) -> str:
     return f"INSERT 0 {total}" if verb == "INSERT" else f"{verb} {total}"
 
 
-async def _run_multi_write(plan: Plan, ctx: ExecContext, statements: dict[int, list[str]]) -> None:
-    """Statements per shard → per node transactions, two-phase committed across nodes."""
+async def _run_multi_write(
+    plan: Plan, ctx: ExecContext, statements: dict[int, list[str]], row_order: list[int] | None = None
+) -> None:
+    """Statements per shard → per node transactions, two-phase committed across nodes.
+
+    With ``row_order`` (the shard of each input row of an INSERT ... RETURNING), the returned
+    rows are written in input order, as PostgreSQL returns them, instead of as they arrive.
+    """
     table = plan.tables[_first_dist(plan)]
     per_node: dict[int, list[str]] = {}
+    shards_of_node: dict[int, list[int]] = {}
     for shard, sqls in statements.items():
-        per_node.setdefault(table.shards[shard].node_ids[0], []).extend(sqls)
-    await _write_on_nodes(plan, ctx, per_node, relay_rows_from=None)
+        node = table.shards[shard].node_ids[0]
+        per_node.setdefault(node, []).extend(sqls)
+        shards_of_node.setdefault(node, []).append(shard)
+    await _write_on_nodes(plan, ctx, per_node, relay_rows_from=None, row_order=row_order, shards_of_node=shards_of_node)
+
+
+class _RowCollector:
+    """Keeps one node's RETURNING rows (raw DataRow bytes) in arrival order."""
+
+    def __init__(self) -> None:
+        self.rows: list[bytes] = []
+
+    def sink(self, buf: bytes, frames: list[tuple[int, int, int]]) -> None:
+        self.rows.extend(buf[s:e] for _, s, e in frames)
 
 
 async def _write_on_nodes(
-    plan: Plan, ctx: ExecContext, per_node: dict[int, list[str]], relay_rows_from: int | None
+    plan: Plan,
+    ctx: ExecContext,
+    per_node: dict[int, list[str]],
+    relay_rows_from: int | None,
+    row_order: list[int] | None = None,
+    shards_of_node: dict[int, list[int]] | None = None,
 ) -> None:
     lease = _Lease()
     prepared: list[tuple[BackendConnection, str]] = []
@@ -520,6 +544,7 @@ async def _write_on_nodes(
         out = ClientOutput(ctx)
         conns = {node: await lease.get(ctx.pool_for(node), ctx.settings) for node in per_node}
         runs = []
+        collectors: dict[int, _RowCollector] = {}
         for node, sqls in per_node.items():
             body = extended_query("BEGIN", sync=False) + b"".join(
                 extended_query(
@@ -529,13 +554,37 @@ async def _write_on_nodes(
                 for s in sqls
             ) + pg.SYNC
             relay = plan.returning and (relay_rows_from is None or relay_rows_from == node)
-            runs.append(run_on(conns[node], body, sink=out.sink if relay else None))
+            sink = out.sink if relay else None
+            if relay and row_order is not None:
+                collectors[node] = _RowCollector()
+                sink = collectors[node].sink
+            runs.append(run_on(conns[node], body, sink=sink))
             open_tx.append(conns[node])
         results = await _gather(runs)
         errors = [r.error for r in results if r.error is not None]
         if errors:
             raise errors[0]
         tags = [t for r in results for t in r.tags if t != "BEGIN"]
+        if collectors and row_order is not None and shards_of_node is not None:
+            # Split each node's rows by statement (one per shard, in order; counts from the tags),
+            # then emit them in input-row order.
+            per_shard: dict[int, list[bytes]] = {}
+            for node, collector in collectors.items():
+                node_tags = [t for t in results[list(per_node).index(node)].tags if t != "BEGIN"]
+                pos = 0
+                for shard, tag in zip(shards_of_node[node], node_tags, strict=False):
+                    n = int(tag.split()[-1])
+                    per_shard[shard] = collector.rows[pos : pos + n]
+                    pos += n
+            cursor = dict.fromkeys(per_shard, 0)
+            ordered = []
+            for shard in row_order:
+                rows = per_shard.get(shard, [])
+                i = cursor.get(shard, 0)
+                if i < len(rows):
+                    ordered.append(rows[i])
+                    cursor[shard] = i + 1
+            ctx.write(b"".join(ordered))
         if relay_rows_from is not None:
             node_tags = results[list(per_node).index(relay_rows_from)].tags
             tags = [t for t in node_tags if t != "BEGIN"]
@@ -578,14 +627,39 @@ async def _run_reference_write(plan: Plan, ctx: ExecContext) -> None:
     await _write_on_nodes(plan, ctx, {n: [sql] for n in nodes}, relay_rows_from=first)
 
 
+async def _fill_values(plan: Plan, ctx: ExecContext, n_rows: int) -> list[list[str]]:
+    """Next values of the sequence-fed columns, ``n_rows`` of each, from the metadata node."""
+    if not plan.insert_fill:
+        return []
+    pool = ctx.metadata_pool()
+    conn = await pool.acquire()
+    try:
+        cols = ", ".join(f"({expr})::text" for expr in plan.insert_fill)
+        rows = await conn.simple_query(f"SELECT {cols} FROM generate_series(1, {int(n_rows)})")
+    finally:
+        pool.release(conn, reset=not conn.usable)
+    return [[r[j].decode() for r in rows] for j in range(len(plan.insert_fill))]  # type: ignore[union-attr]
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
     table = plan.tables[0]
+    fills = await _fill_values(plan, ctx, len(plan.insert_rows))
     by_shard: dict[int, list[str]] = {}
-    for row in plan.insert_rows:
+    order: list[int] = []  # shard of each VALUES row, in input order
+    for r, row in enumerate(plan.insert_rows):
         key = row.key
         text = None
         if key is not None:
-            text = key.text if key.kind == "const" else _param_text(ctx, key.number)
+            if key.kind == "const":
+                text = key.text
+            elif key.kind == "fill":
+                text = fills[key.number][r]
+            else:
+                text = _param_text(ctx, key.number)
         if text is None:
             raise PgError(
                 "23502",
@@ -595,7 +669,11 @@ async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
         s = shard_of(plan.dist_type or "", text, plan.shard_count)
         if s is None or s < 0:
             raise PgError("22P02", f'invalid input for distribution column "{table.dist_column}": "{text}"')
-        by_shard.setdefault(s, []).append(row.values_sql)
+        values_sql = row.values_sql
+        for j, column in enumerate(fills):
+            values_sql = values_sql.replace(f"__orochi_fill_{j}__", _sql_literal(column[r]))
+        by_shard.setdefault(s, []).append(values_sql)
+        order.append(s)
     statements = {
         s: [plan.sql_for_shard(plan.insert_prefix + ", ".join(rows) + plan.insert_suffix, s)]
         for s, rows in by_shard.items()
@@ -604,4 +682,4 @@ async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
         (s, sqls), = statements.items()
         await _run_single(plan, ctx, table.shards[s].node_ids[0], sqls[0])
         return
-    await _run_multi_write(plan, ctx, statements)
+    await _run_multi_write(plan, ctx, statements, row_order=order if plan.returning else None)

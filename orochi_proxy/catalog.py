@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -264,6 +265,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             LEFT JOIN orochi_catalog.shard_sizes z ON z.shard_id = s.shard_id AND z.node_id = p.node_id
             ORDER BY 1, 2, nodeid
             """,
+        ),
+    ),
+    Migration(
+        3,
+        "columns the proxy fills from sequences (serial, identity, nextval defaults)",
+        (
+            "ALTER TABLE orochi_catalog.tables ADD COLUMN fill_columns jsonb NOT NULL DEFAULT '{}'::jsonb",
         ),
     ),
 )
@@ -591,6 +599,7 @@ class Catalog:
         dist_type: str | None,
         colocation_id: int | None,
         shards: list[tuple[int, int, list[int]]],
+        fill: dict[str, str] | None = None,
     ) -> None:
         """Record a distributed/reference table: ``shards`` are (shard id, index, node ids)."""
         async with self._change() as ch:
@@ -606,9 +615,9 @@ class Catalog:
                     dist_type,
                 )
             await ch.conn.execute(
-                f"INSERT INTO {SCHEMA}.tables (schema_name, table_name, kind, dist_column, dist_type, colocation_id) "
-                "VALUES ($1, $2, $3, $4, $5, $6)",
-                schema, name, kind, dist_column, dist_type, colocation_id,
+                f"INSERT INTO {SCHEMA}.tables (schema_name, table_name, kind, dist_column, dist_type, colocation_id, fill_columns) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+                schema, name, kind, dist_column, dist_type, colocation_id, json.dumps(fill or {}),
             )
             await ch.conn.executemany(
                 f"INSERT INTO {SCHEMA}.shards (shard_id, schema_name, table_name, shard_index) VALUES ($1, $2, $3, $4)",
@@ -722,8 +731,8 @@ class Catalog:
                 f"SELECT node_id, host, port, is_active FROM {SCHEMA}.nodes ORDER BY node_id"
             )
             table_rows = await conn.fetch(
-                f"SELECT schema_name, table_name, kind, dist_column, dist_type, colocation_id "
-                f"FROM {SCHEMA}.tables"
+                f"SELECT schema_name, table_name, kind, dist_column, dist_type, colocation_id, "
+                f"fill_columns::text AS fill_columns FROM {SCHEMA}.tables"
             )
             column_rows = await conn.fetch(
                 f"SELECT t.schema_name, t.table_name, "
@@ -760,6 +769,7 @@ class Catalog:
                 colocation_id=r["colocation_id"] or 0,
                 shards=tuple(shards_by_table.get((r["schema_name"], r["table_name"]), ())),
                 columns=columns.get((r["schema_name"], r["table_name"]), ()),
+                fill=json.loads(r["fill_columns"] or "{}"),
             )
             for r in table_rows
         }

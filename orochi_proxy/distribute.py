@@ -213,12 +213,27 @@ async def _distribute(
     try:
         await _create_shards(server, session.database, ddl, placement)
         await _move_rows_in(server, session, schema, name, column_index, dist_type, shards)
-        await catalog.register_table(schema, name, kind, dist_column if kind == "hash" else None, dist_type, colocation_id, shards)
+        await catalog.register_table(
+            schema, name, kind, dist_column if kind == "hash" else None, dist_type, colocation_id, shards, _fill_columns(tdef)
+        )
     except BaseException:
         await _drop_shards(server, session.database, schema, created)
         raise
     # The rows now live in the shards; the logical table keeps only the definition.
     await _session_rows(session, f"TRUNCATE {_qualified(schema, name)}")
+
+
+def _fill_columns(tdef) -> dict[str, str]:
+    """Sequence-fed columns and the expression giving their next value on the metadata node."""
+    out: dict[str, str] = {}
+    for col in tdef.columns:
+        if not col.uses_sequence:
+            continue
+        if col.default_sql and "nextval" in col.default_sql:
+            out[col.name] = col.default_sql
+        elif col.sequence:
+            out[col.name] = f"pg_catalog.nextval({_literal(col.sequence)}::regclass)"
+    return out
 
 
 @admin_function(

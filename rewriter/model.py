@@ -49,6 +49,9 @@ class TableInfo:
     colocation_id: int
     shards: tuple[Shard, ...]
     columns: tuple[str, ...] = ()  # column names in table order (for INSERT without a column list)
+    # Columns fed by a sequence (serial, identity, nextval default) -> the SQL that yields the
+    # next value on the metadata node; shards have no sequences, so the proxy fills these.
+    fill: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     shard_names: dict[int, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -64,6 +64,7 @@ class Plan:
     insert_suffix: str = ""  # " ON CONFLICT ... RETURNING ..."
     insert_rows: list[InsertRow] = field(default_factory=list)
     multi_error: PgError | None = None  # raised if execution needs more than one shard
+    insert_fill: list[str] = field(default_factory=list)  # SQL for __orochi_fill_<i>__ values
     has_params: bool = False
 
     def sql_for_shard(self, template: str, shard_index: int) -> str:
@@ -283,19 +284,32 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         )
     if len(scan.occurrences) > 1:
         raise combine.unsupported("INSERT ... VALUES with subqueries over catalog tables")
-    # Which VALUES position holds the distribution column?
-    if stmt.cols:
-        names = [c.name for c in stmt.cols]
-    else:
-        names = list(table.columns)
-    try:
-        pos = names.index(table.dist_column)
-    except ValueError:
-        pos = -1
     if stmt.withClause is not None:
         raise combine.unsupported("WITH ... INSERT into a distributed table")
+    # Column list as PostgreSQL sees it; sequence-fed columns the statement leaves out (or sets
+    # to DEFAULT) are filled by the proxy from the metadata node's sequences.
+    width = len(select.valuesLists[0])
+    names = [c.name for c in stmt.cols] if stmt.cols else list(table.columns[:width])
+    fill_exprs: list[str] = []
+    missing = [c for c in table.fill if c not in names]
+    if missing:
+        if not stmt.cols:
+            stmt.cols = tuple(ast.ResTarget(name=n) for n in names)
+        stmt.cols = tuple(stmt.cols) + tuple(ast.ResTarget(name=n) for n in missing)
+        names = names + missing
+    fill_slot: dict[str, int] = {}
+    for c in names:
+        if c in table.fill:
+            fill_slot[c] = len(fill_exprs)
+            fill_exprs.append(table.fill[c])
+    pos = names.index(table.dist_column) if table.dist_column in names else -1
     rows: list[InsertRow] = []
+    new_values = []
     for values in select.valuesLists:
+        values = list(values) + [None] * len(missing)
+        for i, c in enumerate(names):
+            if c in fill_slot and (values[i] is None or isinstance(values[i], ast.SetToDefault)):
+                values[i] = ast.ColumnRef(fields=(ast.String(sval=f"__orochi_fill_{fill_slot[c]}__"),))
         key: PinValue | None = None
         if pos >= 0:
             if pos >= len(values):
@@ -303,6 +317,8 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
             v = values[pos]
             if isinstance(v, ast.SetToDefault):
                 key = None
+            elif isinstance(v, ast.ColumnRef) and names[pos] in fill_slot:
+                key = PinValue("fill", number=fill_slot[names[pos]])
             else:
                 from rewriter.pruning import _const_value
 
@@ -315,6 +331,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         params = sorted({n.number for n in combine_walk(values) if isinstance(n, ast.ParamRef)})
         row_sql = "(" + ", ".join(_deparse(v) for v in values) + ")"
         rows.append(InsertRow(row_sql, key, tuple(params)))
+        new_values.append(tuple(values))
     tables = _apply_tokens(scan)
     head = copy.deepcopy(stmt)
     head.selectStmt = ast.SelectStmt(
@@ -330,6 +347,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
     plan.insert_prefix = text[:i] + "VALUES "
     plan.insert_suffix = text[i + len(marker):]
     plan.insert_rows = rows
+    plan.insert_fill = fill_exprs
     return plan
 
 
