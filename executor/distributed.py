@@ -62,6 +62,7 @@ class ExecContext:
     param_oids: list[int] = field(default_factory=list)
     result_formats: list[int] = field(default_factory=list)
     row_description: bytes | None = None  # sent first (simple protocol); None in extended
+    throttle: Callable[[BackendConnection], None] | None = None  # pause a node while the client is full
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -336,6 +337,7 @@ async def _run_single(plan: Plan, ctx: ExecContext, node_id: int, sql: str) -> N
             conn,
             extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=ctx.result_formats),
             sink=out.sink,
+            throttle=ctx.throttle,
         )
         _raise(res)
         ctx.write(pg.command_complete(res.tags[-1] if res.tags else "SELECT 0"))
@@ -401,7 +403,7 @@ async def _run_concat(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
             )
             for node_shards in groups.values()
         ]
-        results = await _gather([run_on(c, m, sink=out.sink) for c, m in zip(conns, msgs, strict=True)])
+        results = await _gather([run_on(c, m, sink=out.sink, throttle=ctx.throttle) for c, m in zip(conns, msgs, strict=True)])
         for r in results:
             _raise(r)
         ctx.write(pg.command_complete(f"SELECT {out.sent}"))

@@ -44,6 +44,7 @@ class TaskRun:
         self.sink = sink
         self.collect = collect
         self.sink_types = frozenset(sink_types)
+        self.after_sink: Callable[[BackendConnection], None] | None = None
         self.result = TaskResult(rows=[] if collect else None)
         self.done: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
 
@@ -80,6 +81,8 @@ class TaskRun:
                 return
         if rows:
             self.sink(buf, rows)  # type: ignore[misc]
+            if self.after_sink is not None:
+                self.after_sink(conn)
 
     def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
         if not self.done.done():
@@ -93,12 +96,14 @@ async def run_on(
     sink: RowSink | None = None,
     collect: bool = False,
     sink_types: tuple[int, ...] = (_D,),
+    throttle: Callable[[BackendConnection], None] | None = None,
 ) -> TaskResult:
     """Send ``messages`` (ending in Sync or a simple Query) and consume the answer up to ReadyForQuery.
 
     Messages of ``sink_types`` (DataRow by default; CopyData for COPY TO) go to ``sink``.
     """
     run = TaskRun(conn, sink=sink, collect=collect, sink_types=sink_types)
+    run.after_sink = throttle
     conn.consumer = run
     try:
         conn.write(messages)

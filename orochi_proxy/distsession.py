@@ -197,6 +197,7 @@ class DistributedRunner:
             settings=s.output_settings(),
             type_names=server.type_names.lookup,
             row_description=row_description,
+            throttle=s.client.throttle,
         )
 
     # ------------------------------------------------------------------ extended protocol

@@ -55,7 +55,8 @@ class ClientConnection(asyncio.Protocol):
         self._startup_timer: asyncio.TimerHandle | None = None
         self._early: list[bytes] = []
         self._paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None  # messages sent before start-up finished (pipelining)
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._resume_callbacks: list = []  # messages sent before start-up finished (pipelining)
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,11 +85,30 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        callbacks, self._resume_callbacks = self._resume_callbacks, []
+        for cb in callbacks:
+            cb()
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if self.session is not None:
             self.session.resume_backend()
+
+    def throttle(self, conn) -> None:
+        """Pause reading from node connection ``conn`` until this client's buffer drains.
+
+        Rows relayed from many shards would otherwise pile up in the client's transport buffer
+        when the client reads slower than the nodes send.
+        """
+        if not self._paused or conn.transport is None or conn.closed:
+            return
+        conn.transport.pause_reading()
+
+        def resume() -> None:
+            if conn.transport is not None and not conn.closed:
+                conn.transport.resume_reading()
+
+        self._resume_callbacks.append(resume)
 
     def pause_reading(self) -> None:
         if self.transport is not None and self.state != "closed":
