@@ -333,8 +333,19 @@ class _Splitter:
             is_float = self.arg_types.get(id(fc)) in _FLOAT_TYPES
             # One-word names: cast() makes a one-part TypeName, which deparses quoted
             # ("double precision" would name a type that does not exist).
-            tname = "float8" if is_float else "numeric"
-            xx = cast(copy.deepcopy(x), tname)
+            if is_float:
+                xx = cast(copy.deepcopy(x), "float8")
+            else:
+                # The planner does not know column types (it passes "numeric" for every call), and
+                # x::numeric would turn stddev(float8) into a numeric answer under the float8
+                # column the client was described: garbage in binary mode. ``x + 0::numeric``
+                # resolves like PostgreSQL's own stddev: numeric for integer and numeric
+                # arguments, float8 for real and double precision; the combine query then picks
+                # the float or numeric formula from the partial column's actual type.
+                xx = ast.A_Expr(
+                    kind=0, name=(ast.String(sval="+"),), lexpr=copy.deepcopy(x),
+                    rexpr=cast(ast.A_Const(val=ast.Integer(ival=0)), "numeric"),
+                )
             slot.partial_cols.append(partial("count", copy.deepcopy(x)))
             slot.partial_cols.append(partial("sum", xx))
             sq = ast.A_Expr(kind=0, name=(ast.String(sval="*"),), lexpr=copy.deepcopy(xx), rexpr=copy.deepcopy(xx))
