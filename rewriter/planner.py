@@ -191,14 +191,22 @@ def _routing(stmt: ast.Node, scan: RelationScan) -> tuple[list[list[PinValue]] |
 
 
 def _pins_all_pinned(pinning, occurrences: list[Occurrence]) -> list[list[PinValue]] | None:
-    """For a non-co-located join: usable only if every table is pinned (router to one shard)."""
-    groups: list[list[PinValue]] = []
+    """For a non-co-located join: usable only if every table is pinned (router to one shard).
+
+    The tables' pins are *united* into one OR-set, not intersected: ``a.k = 5 AND b.k = 7``
+    needs shard(5) of ``a`` and shard(7) of ``b``. Intersecting gave no shard (the router then
+    ran shard 0) or only one table's shard; the union gives both, and more than one shard
+    raises the plan's ``multi_error`` at execution. (Uniting a table's own AND-ed sets too can
+    only add shards, never lose one.)
+    """
+    values: list[PinValue] = []
     for o in occurrences:
         g = pinning.value_sets([o])
         if g is None:
             return None
-        groups.extend(g)
-    return groups
+        for group in g:
+            values.extend(group)
+    return [values]
 
 
 def _plan_select(stmt: ast.SelectStmt, sql: str, scan: RelationScan, aggregate_names) -> Plan:
@@ -278,10 +286,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         return Plan("ref_modify", sql, tables, _deparse(stmt), command="INSERT", returning=returning)
     select = stmt.selectStmt
     if select is None or not isinstance(select, ast.SelectStmt) or not select.valuesLists:
-        raise combine.unsupported(
-            f"INSERT ... SELECT into distributed table {table.name}",
-            "Insert the rows with VALUES or COPY, or select them through the proxy first.",
-        )
+        return _plan_insert_select(stmt, sql, scan, table, model, search_path)
     if len(scan.occurrences) > 1:
         raise combine.unsupported("INSERT ... VALUES with subqueries over catalog tables")
     if stmt.withClause is not None:
@@ -361,3 +366,68 @@ def combine_walk(node):
                 stack.append(getattr(n, name))
         elif isinstance(n, tuple | list):
             stack.extend(n)
+
+
+def _plan_insert_select(stmt: ast.InsertStmt, sql: str, scan: RelationScan, table: TableInfo, model, search_path) -> Plan:
+    """INSERT INTO dist SELECT ... FROM co-located dist tables: pushed down shard by shard.
+
+    Valid when every row the SELECT produces from shard ``i`` of the sources belongs to shard
+    ``i`` of the target: the target's distribution column must receive a co-located source's
+    distribution column unchanged, and the SELECT must not merge rows across shards.
+    """
+    def refuse(why: str) -> PgError:
+        return combine.unsupported(
+            f"INSERT ... SELECT into distributed table {table.name} ({why})",
+            "Push-down needs the target's distribution column to come straight from a co-located table's "
+            "distribution column; otherwise select the rows and insert them with VALUES or COPY.",
+        )
+
+    select = stmt.selectStmt
+    if not isinstance(select, ast.SelectStmt) or select.op != SetOperation.SETOP_NONE:
+        raise refuse("set operations")
+    if stmt.withClause is not None or select.withClause is not None:
+        raise refuse("WITH")
+    sub = scan_relations(select, model, search_path)
+    if sub.other_relations:
+        raise refuse("local tables in the SELECT")
+    dist = sub.distributed
+    if not dist:
+        raise refuse("no distributed table in the SELECT")
+    if any(not o.top_level for o in dist):
+        raise refuse("subqueries over distributed tables")
+    if any(o.table.colocation_id != table.colocation_id for o in dist):
+        raise refuse("the tables are not co-located")
+    if (
+        select.groupClause or select.havingClause or select.distinctClause is not None or select.limitCount
+        or select.limitOffset or select.sortClause or select.windowClause or select.lockingClause
+    ):
+        raise refuse("GROUP BY, DISTINCT, ORDER BY, LIMIT or window clauses")
+    if any(combine.contains(t, lambda n: isinstance(n, ast.FuncCall) and (n.over is not None or n.funcname[-1].sval in model.aggregate_names)) for t in select.targetList or ()):
+        raise refuse("aggregates or window functions")
+    pinning = analyze_scope(sub.occurrences, list(select.fromClause or ()), select.whereClause)
+    if len(dist) > 1 and not pinning.connected(dist):
+        raise refuse("the SELECT joins distributed tables on other columns")
+    names = [c.name for c in stmt.cols] if stmt.cols else list(table.columns)
+    if table.dist_column not in names:
+        raise refuse("the distribution column gets no value")
+    pos = names.index(table.dist_column)
+    from rewriter.pruning import ScopeAnalyzer
+
+    analyzer = ScopeAnalyzer(sub.occurrences)
+    targets = list(select.targetList or ())
+    source = None
+    if len(targets) == 1 and isinstance(targets[0].val, ast.ColumnRef) and isinstance(targets[0].val.fields[-1], ast.A_Star):
+        if len(dist) == 1 and pos < len(dist[0].table.columns) and dist[0].table.columns[pos] == dist[0].table.dist_column:
+            source = dist[0]
+    elif pos < len(targets):
+        source = analyzer.column_occurrence(targets[pos].val)
+    if source is None:
+        raise refuse("the distribution column is not fed by a co-located distribution column")
+    if table.fill and any(c not in names for c in table.fill):
+        raise refuse("sequence-fed columns left to their defaults")
+    pins = pinning.value_sets(dist)
+    tables = _apply_tokens(scan)
+    return Plan(
+        "modify", sql, tables, _deparse(stmt), shard_count=table.shard_count, pins=pins,
+        dist_type=table.dist_type, command="INSERT", returning=bool(stmt.returningClause),
+    )
