@@ -119,6 +119,9 @@ class DistributedRunner:
         self.session = session
         self.server = session.server
         self.search_path: tuple[str, ...] | None = None
+        # Parameter types the metadata node inferred, by (text, declared types, catalog version):
+        # clients that re-Parse an unnamed statement per execution skip the Describe round trip.
+        self.param_types_cache: dict[tuple, list[int]] = {}
 
     # ------------------------------------------------------------------ session facts
     async def current_search_path(self) -> tuple[str, ...]:
@@ -203,6 +206,9 @@ class DistributedRunner:
     # ------------------------------------------------------------------ extended protocol
     async def describe_params(self, ds: DistStatement, statement_name: str) -> list[int]:
         """Parameter types of the client's statement as the metadata node inferred them."""
+        key = (ds.action.sql, tuple(ds.client_oids), self.server.catalog.model.version)
+        if ds.param_oids is None:
+            ds.param_oids = self.param_types_cache.get(key)
         if ds.param_oids is None:
             data = pg.message(b"D", b"S" + pg.cstr(statement_name)) + pg.FLUSH
             msgs = await self.session._collect_until(data, (ord("T"), ord("n"), ord("E")))
@@ -216,6 +222,9 @@ class DistributedRunner:
                 elif t == ord("E"):
                     raise PgError.from_payload(p)
             ds.param_oids = oids
+            if len(self.param_types_cache) > 1000:
+                self.param_types_cache.clear()
+            self.param_types_cache[key] = oids
         return ds.param_oids
 
     async def execute_portal(self, dp: DistPortal) -> tuple[bytes, bool]:
