@@ -32,14 +32,25 @@ if TYPE_CHECKING:
 
 
 class DistStatement:
-    """A client's prepared statement that mentions catalog tables."""
+    """A client's prepared statement that mentions catalog tables (answered by the proxy)."""
 
-    __slots__ = ("action", "param_oids", "client_oids")
+    __slots__ = ("action", "param_oids", "client_oids", "fields")
 
     def __init__(self, action: Distributed, client_oids: list[int]) -> None:
         self.action = action
         self.client_oids = client_oids
         self.param_oids: list[int] | None = None  # as the metadata node inferred them
+        self.fields: list[pg.Field] | None = None  # result columns; None: no rows (NoData)
+
+    def describe_statement(self) -> bytes:
+        out = pg.parameter_description(self.param_oids or [])
+        if self.fields is None:
+            return out + pg.NO_DATA
+        return out + pg.row_description([_with_format(f, 0) for f in self.fields])
+
+
+def _with_format(f: pg.Field, fmt: int) -> pg.Field:
+    return pg.Field(f.name, f.type_oid, f.type_size, f.type_mod, fmt, f.table_oid, f.column)
 
 
 class DistPortal:
@@ -50,6 +61,12 @@ class DistPortal:
         self.bind = bind
         self.statement_name = statement_name
         self.done = False
+
+    def describe_portal(self) -> bytes:
+        fields = self.statement.fields
+        if fields is None:
+            return pg.NO_DATA
+        return pg.row_description([_with_format(f, self.bind.result_format(i)) for i, f in enumerate(fields)])
 
 
 class PlanCache:
@@ -119,9 +136,8 @@ class DistributedRunner:
         self.session = session
         self.server = session.server
         self.search_path: tuple[str, ...] | None = None
-        # Parameter types the metadata node inferred, by (text, declared types, catalog version):
-        # clients that re-Parse an unnamed statement per execution skip the Describe round trip.
-        self.param_types_cache: dict[tuple, list[int]] = {}
+        # (text, declared types, catalog version) -> (parameter types, result columns or None)
+        self.descriptions: dict[tuple, tuple[list[int], list[pg.Field] | None]] = {}
 
     # ------------------------------------------------------------------ session facts
     async def current_search_path(self) -> tuple[str, ...]:
@@ -204,36 +220,74 @@ class DistributedRunner:
         )
 
     # ------------------------------------------------------------------ extended protocol
-    async def describe_params(self, ds: DistStatement, statement_name: str) -> list[int]:
-        """Parameter types of the client's statement as the metadata node inferred them."""
-        key = (ds.action.sql, tuple(ds.client_oids), self.server.catalog.model.version)
-        if ds.param_oids is None:
-            ds.param_oids = self.param_types_cache.get(key)
-        if ds.param_oids is None:
-            data = pg.message(b"D", b"S" + pg.cstr(statement_name)) + pg.FLUSH
-            msgs = await self.session._collect_until(data, (ord("T"), ord("n"), ord("E")))
-            oids: list[int] = []
-            for t, p in msgs:
-                if t == ord("t"):
-                    import struct
+    def _description_key(self, sql: str, client_oids: list[int]) -> tuple:
+        return (sql, tuple(client_oids), self.server.catalog.model.version, self.search_path)
 
-                    (n,) = struct.unpack_from("!h", p, 0)
-                    oids = list(struct.unpack_from(f"!{n}I", p, 2)) if n else []
-                elif t == ord("E"):
-                    raise PgError.from_payload(p)
-            ds.param_oids = oids
-            if len(self.param_types_cache) > 1000:
-                self.param_types_cache.clear()
-            self.param_types_cache[key] = oids
-        return ds.param_oids
+    def use_cached_description(self, ds: DistStatement) -> bool:
+        """Fill ``ds`` from this session's cache; False if the metadata node must describe it."""
+        cached = self.descriptions.get(self._description_key(ds.action.sql, ds.client_oids))
+        if cached is None:
+            return False
+        ds.param_oids, ds.fields = cached
+        return True
+
+    async def describe(self, sql: str, client_oids: list[int]) -> tuple[list[int], list[pg.Field] | None]:
+        """Parameter types and result columns of ``sql`` as PostgreSQL sees it on the shell tables.
+
+        Uses a private statement name and ends with Sync only when the client has nothing
+        pending on the connection (otherwise Flush: a Sync would end the client's batch).
+        """
+        await self.current_search_path()
+        key = self._description_key(sql, client_oids)
+        cached = self.descriptions.get(key)
+        if cached is not None:
+            return cached
+        name = b"__orochi_describe\x00"
+        session = self.session
+        body = (
+            pg.parse_message("__orochi_describe", sql, client_oids)
+            + pg.message(b"D", b"S" + name)
+            + pg.message(b"C", b"S" + name)
+        )
+        if session._unsynced:
+            msgs = await session._collect_until(body + pg.FLUSH, (ord("3"), ord("E")))
+        else:
+            msgs = await session._collect_from_backend(body + pg.SYNC)
+        oids: list[int] = []
+        fields: list[pg.Field] | None = None
+        for t, p in msgs:
+            if t == ord("t"):
+                import struct
+
+                (n,) = struct.unpack_from("!h", p, 0)
+                oids = list(struct.unpack_from(f"!{n}I", p, 2)) if n else []
+            elif t == ord("T"):
+                fields = pg.decode_row_description(p)
+            elif t == ord("E"):
+                if session._unsynced:
+                    # The node now skips until the client's Sync; that Sync must reach it.
+                    session._unsynced = True
+                raise PgError.from_payload(p)
+        if len(self.descriptions) > 2000:
+            self.descriptions.clear()
+        self.descriptions[key] = (oids, fields)
+        return oids, fields
+
+    async def parse_task(self, ds: DistStatement, name: str) -> tuple[bytes, bool]:
+        """First Parse of a distributed statement in this session: describe it on the shell."""
+        try:
+            ds.param_oids, ds.fields = await self.describe(ds.action.sql, ds.client_oids)
+        except PgError:
+            if self.session.dist_statements.get(name) is ds:
+                del self.session.dist_statements[name]
+            raise
+        return pg.PARSE_COMPLETE, False
 
     async def execute_portal(self, dp: DistPortal) -> tuple[bytes, bool]:
         metrics = self.server.metrics
         if dp.done:
             return pg.command_complete("SELECT 0"), False
-        # Parameter types first: planning and the transaction check may run simple queries on
-        # the metadata connection, and a simple Query destroys the unnamed statement there.
-        oids = await self.describe_params(dp.statement, dp.statement_name)
+        oids = dp.statement.param_oids or []
         if isinstance(dp.statement.action.stmt, ast.ExplainStmt):
             from orochi_proxy.distexplain import explain, plan_rows
 
@@ -272,14 +326,8 @@ class DistributedRunner:
             self.session.client.write(pg.command_complete(await self.run_other(action)))
             return
         await self._check_transaction(plan)
-        data = pg.parse_message("", action.sql) + pg.message(b"D", b"S\x00") + pg.SYNC
-        msgs = await self.session._collect_from_backend(data)
-        row_description = None
-        for t, p in msgs:
-            if t == ord("T"):
-                row_description = pg.message(b"T", p)
-            elif t == ord("E"):
-                raise PgError.from_payload(p)
+        _, fields = await self.describe(action.sql, [])
+        row_description = pg.row_description(fields) if fields is not None else None
         ctx = self._context(row_description=row_description)
         self.server.metrics.statements.labels(_strategy(plan)).inc()
         await distributed.execute(plan, ctx)

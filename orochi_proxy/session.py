@@ -77,7 +77,7 @@ _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 class LocalAnswer:
     """An answer produced by the proxy. ``data`` is set when ready; ``run`` makes it when blocking."""
 
-    __slots__ = ("data", "error", "run", "task", "extended")
+    __slots__ = ("data", "error", "run", "task", "extended", "sync")
 
     def __init__(
         self,
@@ -86,12 +86,14 @@ class LocalAnswer:
         error: bool = False,
         run: Callable[[], Awaitable[tuple[bytes, bool]]] | None = None,
         extended: bool = True,
+        sync: bool = False,
     ) -> None:
         self.data = data
         self.error = error
         self.run = run
         self.task: asyncio.Task[None] | None = None
         self.extended = extended
+        self.sync = sync  # the proxy's own answer to a Sync: skipping after an error stops here
 
 
 class LocalStatement:
@@ -142,6 +144,7 @@ class Session:
         self.dist = DistributedRunner(self)
         self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
         self.copy_sink = None  # set while a proxy-run COPY FROM STDIN reads the client's data
+        self._draining = False  # replaying the backlog (new messages queue behind it otherwise)
         self.metrics = server.metrics
         # Children resolved once: label lookup per statement is measurable on the relay path.
         self._passthrough_count = server.metrics.statements.labels("passthrough")
@@ -246,7 +249,8 @@ class Session:
         if self.copy_sink is not None and mtype in (100, 99, 102):  # d c f: data for a proxy-run COPY
             self.copy_sink.put(mtype, payload)
             return
-        if self.blocked:
+        if self.blocked or (self.backlog and not self._draining):
+            # Behind a blocking answer, or behind messages waiting to be replayed: keep order.
             self.backlog.append((mtype, frame))
             return
         if self.skipping:
@@ -328,14 +332,19 @@ class Session:
             return
         action = actions[0] if actions else Passthrough(msg.sql)
         if isinstance(action, Distributed):
-            if msg.name in self.local_statements:
+            if msg.name in self.local_statements or (msg.name and msg.name in self.dist_statements):
                 if msg.name:
                     self._local_error(PgError("42P05", f'prepared statement "{msg.name}" already exists'))
                     return
                 del self.local_statements[msg.name]
-            if not msg.name or msg.name not in self.dist_statements:
-                self.dist_statements[msg.name] = DistStatement(action, msg.param_oids)
-            self._forward(frame, K_PARSE)
+            # Answered by the proxy: described once on the metadata node (cached), never
+            # prepared there, so Bind/Describe/Execute/Close of it need no round trip.
+            ds = DistStatement(action, msg.param_oids)
+            self.dist_statements[msg.name] = ds
+            if self.dist.use_cached_description(ds):
+                self._local_ready(pg.PARSE_COMPLETE)
+            else:
+                self._enqueue_task(lambda: self.dist.parse_task(ds, msg.name), extended=True)
             return
         if not msg.name:
             self.dist_statements.pop("", None)
@@ -368,8 +377,17 @@ class Session:
         ds = self.dist_statements.get(stmt_name)
         if ds is not None:
             self.local_portals.pop(portal, None)
-            self.dist_portals[portal] = DistPortal(ds, pg.decode_bind(payload), stmt_name)
-            self._forward(frame, K_BIND)
+            bind = pg.decode_bind(payload)
+            if ds.param_oids is not None and len(bind.params) != len(ds.param_oids):
+                self._local_error(
+                    PgError(
+                        "08P01",
+                        f'bind message supplies {len(bind.params)} parameters, but prepared statement "{stmt_name}" requires {len(ds.param_oids)}',
+                    )
+                )
+                return
+            self.dist_portals[portal] = DistPortal(ds, bind, stmt_name)
+            self._local_ready(pg.BIND_COMPLETE)
             return
         self.dist_portals.pop(portal, None)
         stmt = self.local_statements.get(stmt_name)
@@ -390,11 +408,15 @@ class Session:
         self._local_ready(pg.BIND_COMPLETE)
 
     def _on_describe(self, payload: bytes, frame: bytes) -> None:
-        if not self.local_statements and not self.local_portals:
+        if not (self.local_statements or self.local_portals or self.dist_statements or self.dist_portals):
             self._forward(frame, K_DESCRIBE)
             return
         kind, name = pg.decode_target(payload, "Describe")
-        if kind == "S" and name in self.local_statements:
+        if kind == "S" and name in self.dist_statements:
+            self._local_ready(self.dist_statements[name].describe_statement())
+        elif kind == "P" and name in self.dist_portals:
+            self._local_ready(self.dist_portals[name].describe_portal())
+        elif kind == "S" and name in self.local_statements:
             st = self.local_statements[name]
             self._local_ready(pg.parameter_description(st.param_oids) + localexec.describe(st.call, None))
         elif kind == "P" and name in self.local_portals:
@@ -428,9 +450,11 @@ class Session:
         kind, name = pg.decode_target(payload, "Close")
         if kind == "S" and name in self.dist_statements:
             del self.dist_statements[name]
+            self._local_ready(pg.CLOSE_COMPLETE)
         elif kind == "P" and name in self.dist_portals:
             del self.dist_portals[name]
-        if kind == "S" and name in self.local_statements:
+            self._local_ready(pg.CLOSE_COMPLETE)
+        elif kind == "S" and name in self.local_statements:
             del self.local_statements[name]
             self._local_ready(pg.CLOSE_COMPLETE)
         elif kind == "P" and name in self.local_portals:
@@ -442,6 +466,12 @@ class Session:
     def _on_sync(self, payload: bytes, frame: bytes) -> None:
         self.local_portals.pop("", None)  # the unnamed portal ends with the implicit transaction
         self.dist_portals.pop("", None)
+        if not self._unsynced and self.backend is not None:
+            # Nothing went to the node since its last ReadyForQuery (the batch was answered by
+            # the proxy): answer the Sync here, with the transaction status the node last gave.
+            self.pending.append(LocalAnswer(pg.ready_for_query(self.tx_status), sync=True))
+            self._pump()
+            return
         self._forward(frame, K_SYNC)
 
     def _on_flush(self, payload: bytes, frame: bytes) -> None:
@@ -555,17 +585,22 @@ class Session:
         self._pump()
 
     def _drain_backlog(self) -> None:
+        self._draining = True
         try:
             while self.backlog and not self.blocked and not self.closed:
                 mtype, frame = self.backlog.popleft()
                 self.on_message(mtype, frame[5:], frame)
         except (ProtocolViolation, PgError) as exc:
             self.client.fail(exc)
+        finally:
+            self._draining = False
 
     def _skip_to_sync(self) -> None:
         """Drop answers up to the next Sync (PostgreSQL skips those messages after an error)."""
         pending = self.pending
-        while pending and pending[0] != K_SYNC:
+        while pending and pending[0] != K_SYNC and not (
+            pending[0].__class__ is LocalAnswer and pending[0].sync  # type: ignore[union-attr]
+        ):
             entry = pending.popleft()
             if isinstance(entry, LocalAnswer) and entry.run is not None:
                 self.blocked -= 1

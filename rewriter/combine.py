@@ -1,5 +1,9 @@
 """Split a multi-shard SELECT into a *worker* query (per shard) and a *combine* query.
 
+The worker and combine trees share subtrees with the original statement instead of copying
+them (pglast's deepcopy was the largest single cost of planning); shared nodes are only ever
+deparsed, and every node that gets modified is a fresh or shallow-copied one.
+
 Why a combine query run by PostgreSQL (the idea of Citus' "master query"): the final step —
 adding partial sums, dividing for ``avg``, HAVING, ORDER BY in the database's collation, LIMIT,
 DISTINCT, expressions over aggregates such as ``sum(a)/count(*)`` — is then evaluated by
@@ -205,7 +209,7 @@ def _final_expr(slot: AggSlot, types: list[str]) -> str:
     """The combine-side expression for one aggregate, over its partial columns."""
     name = slot.name
     if slot.distinct_col is not None:
-        call = copy.deepcopy(slot.call)
+        call = copy.copy(slot.call)
         call.args = (col(f"w{slot.distinct_col}"),)
         call.agg_filter = None  # the worker already applied FILTER by grouping only matching rows
         return deparse(call)
@@ -305,7 +309,7 @@ class _Splitter:
                     slot.distinct_col = c
                     break
             else:
-                c = self.add_worker(copy.deepcopy(arg))
+                c = self.add_worker(arg)
                 self.distinct_args.append((arg, c))
                 self.worker_group.append(col(f"w{c}"))
                 slot.distinct_col = c
@@ -315,26 +319,26 @@ class _Splitter:
 
         def partial(fname: str, *pargs: ast.Node, star: bool = False) -> int:
             call = func(fname, *pargs, star=star)
-            call.agg_filter = copy.deepcopy(filt)
+            call.agg_filter = filt
             return self.add_worker(call)
 
         if name == "count":
-            slot.partial_cols.append(partial("count", *copy.deepcopy(args), star=fc.agg_star))
+            slot.partial_cols.append(partial("count", *args, star=fc.agg_star))
         elif name in ("sum", "min", "max", "bool_and", "bool_or"):
-            slot.partial_cols.append(partial(name, *copy.deepcopy(args)))
+            slot.partial_cols.append(partial(name, *args))
         elif name == "every":
-            slot.partial_cols.append(partial("bool_and", *copy.deepcopy(args)))
+            slot.partial_cols.append(partial("bool_and", *args))
         elif name == "avg":
             x = args[0]
-            slot.partial_cols.append(partial("sum", copy.deepcopy(x)))
-            slot.partial_cols.append(partial("count", copy.deepcopy(x)))
+            slot.partial_cols.append(partial("sum", x))
+            slot.partial_cols.append(partial("count", x))
         elif name in _VARIANCE:
             x = args[0]
             is_float = self.arg_types.get(id(fc)) in _FLOAT_TYPES
             # One-word names: cast() makes a one-part TypeName, which deparses quoted
             # ("double precision" would name a type that does not exist).
             if is_float:
-                xx = cast(copy.deepcopy(x), "float8")
+                xx = cast(x, "float8")
             else:
                 # The planner does not know column types (it passes "numeric" for every call), and
                 # x::numeric would turn stddev(float8) into a numeric answer under the float8
@@ -343,12 +347,12 @@ class _Splitter:
                 # arguments, float8 for real and double precision; the combine query then picks
                 # the float or numeric formula from the partial column's actual type.
                 xx = ast.A_Expr(
-                    kind=0, name=(ast.String(sval="+"),), lexpr=copy.deepcopy(x),
+                    kind=0, name=(ast.String(sval="+"),), lexpr=x,
                     rexpr=cast(ast.A_Const(val=ast.Integer(ival=0)), "numeric"),
                 )
-            slot.partial_cols.append(partial("count", copy.deepcopy(x)))
+            slot.partial_cols.append(partial("count", x))
             slot.partial_cols.append(partial("sum", xx))
-            sq = ast.A_Expr(kind=0, name=(ast.String(sval="*"),), lexpr=copy.deepcopy(xx), rexpr=copy.deepcopy(xx))
+            sq = ast.A_Expr(kind=0, name=(ast.String(sval="*"),), lexpr=xx, rexpr=xx)
             slot.partial_cols.append(partial("sum", sq))
         return col(f"__orochi_agg_{idx}")
 
@@ -409,9 +413,9 @@ class _Splitter:
             expr = self.resolve_group_item(g)
             if contains(expr, self.is_agg):
                 raise PgError("42803", "aggregate functions are not allowed in GROUP BY")
-            c = self.add_worker(copy.deepcopy(expr))
+            c = self.add_worker(expr)
             self.group_exprs.append((expr, c))
-            self.worker_group.append(copy.deepcopy(expr))
+            self.worker_group.append(expr)
         targets = [self.to_combine(t.val, where="the select list") for t in s.targetList]
         having = self.to_combine(s.havingClause, where="HAVING") if s.havingClause is not None else None
         sort = [self._combine_sortby(sb) for sb in s.sortClause or ()]
@@ -423,10 +427,10 @@ class _Splitter:
                 distinct = tuple(self._distinct_on_expr(e, targets) for e in s.distinctClause)
         worker = ast.SelectStmt(
             targetList=tuple(self.worker_targets),
-            fromClause=copy.deepcopy(s.fromClause),
-            whereClause=copy.deepcopy(s.whereClause),
+            fromClause=s.fromClause,
+            whereClause=s.whereClause,
             groupClause=tuple(self.worker_group) if self.worker_group else None,
-            withClause=copy.deepcopy(s.withClause),
+            withClause=s.withClause,
             limitOption=0,
             op=SetOperation.SETOP_NONE,
         )
@@ -440,8 +444,8 @@ class _Splitter:
             combine_having=having,
             combine_sort=sort,
             combine_distinct=distinct,
-            combine_limit=copy.deepcopy(s.limitCount),
-            combine_offset=copy.deepcopy(s.limitOffset),
+            combine_limit=s.limitCount,
+            combine_offset=s.limitOffset,
             aggs=self.aggs,
         )
 
@@ -476,18 +480,18 @@ class _Splitter:
         targets = list(s.targetList or ())
         star = _has_star(targets)
         if s.distinctClause is None and not s.sortClause:
-            worker = copy.deepcopy(s)
+            worker = copy.copy(s)
             worker.limitOffset = None
             worker.limitCount = _limit_plus_offset(s.limitCount, s.limitOffset)
             return SelectSplit(
                 mode="concat",
                 worker=worker,
                 n_outputs=None if star else len(targets),
-                limit=copy.deepcopy(s.limitCount),
-                offset=copy.deepcopy(s.limitOffset),
+                limit=s.limitCount,
+                offset=s.limitOffset,
             )
         # ORDER BY and/or DISTINCT: outputs first, then sort keys that are not outputs.
-        worker_targets = [copy.deepcopy(t) for t in targets]
+        worker_targets = [t for t in targets]
         n_out = len(targets)
         extra: list[ast.Node] = []
         combine_sort: list[ast.SortBy] = []
@@ -496,7 +500,7 @@ class _Splitter:
             if ref is None:
                 if s.distinctClause is not None and s.distinctClause != (None,) and not _is_distinct_on(s):
                     raise PgError("42P10", "for SELECT DISTINCT, ORDER BY expressions must appear in select list")
-                extra.append(copy.deepcopy(sb.node))
+                extra.append(sb.node)
                 ref = ("extra", len(extra) - 1)
             out = copy.copy(sb)
             out.node = ast.ColumnRef(fields=(ast.String(sval=f"__orochi_ref_{ref[0]}_{ref[1]}"),))
@@ -512,7 +516,7 @@ class _Splitter:
                         # match ORDER BY w1 (42P10) in the combine query.
                         ref = ("extra", extra.index(e))
                     if ref is None:
-                        extra.append(copy.deepcopy(e))
+                        extra.append(e)
                         ref = ("extra", len(extra) - 1)
                     dons.append(ast.ColumnRef(fields=(ast.String(sval=f"__orochi_ref_{ref[0]}_{ref[1]}"),)))
                 distinct = tuple(dons)
@@ -520,7 +524,7 @@ class _Splitter:
                 distinct = ()
         for e in extra:
             worker_targets.append(ast.ResTarget(val=e))
-        worker = copy.deepcopy(s)
+        worker = copy.copy(s)
         worker.targetList = tuple(worker_targets)
         worker.limitOffset = None
         worker.limitCount = _limit_plus_offset(s.limitCount, s.limitOffset)
@@ -531,8 +535,8 @@ class _Splitter:
             worker_columns=len(worker_targets),
             combine_sort=combine_sort,
             combine_distinct=distinct,
-            combine_limit=copy.deepcopy(s.limitCount),
-            combine_offset=copy.deepcopy(s.limitOffset),
+            combine_limit=s.limitCount,
+            combine_offset=s.limitOffset,
             star_outputs=True,
             n_extra=len(extra),
         )
@@ -568,13 +572,13 @@ def _limit_plus_offset(limit: ast.Node | None, offset: ast.Node | None) -> ast.N
     if limit is None:
         return None
     if offset is None:
-        return copy.deepcopy(limit)
+        return limit
     if (
         isinstance(limit, ast.A_Const) and isinstance(limit.val, ast.Integer)
         and isinstance(offset, ast.A_Const) and isinstance(offset.val, ast.Integer)
     ):
         return ast.A_Const(val=ast.Integer(ival=limit.val.ival + offset.val.ival))
-    return ast.A_Expr(kind=0, name=(ast.String(sval="+"),), lexpr=copy.deepcopy(limit), rexpr=copy.deepcopy(offset))
+    return ast.A_Expr(kind=0, name=(ast.String(sval="+"),), lexpr=limit, rexpr=offset)
 
 
 def needs_arg_types(stmt: ast.SelectStmt, aggregate_names: frozenset[str]) -> list[ast.FuncCall]:

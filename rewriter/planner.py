@@ -82,6 +82,16 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _fresh_copy(stmt: ast.Node, sql: str) -> ast.Node:
+    try:
+        fresh = parse_sql(sql)
+    except Exception:  # noqa: BLE001 - fall back to copying the given tree
+        return copy.deepcopy(stmt)
+    if len(fresh) == 1 and type(fresh[0].stmt) is type(stmt):
+        return fresh[0].stmt
+    return copy.deepcopy(stmt)
+
+
 def parse_one(sql: str) -> ast.Node:
     stmts = parse_sql(sql)
     if len(stmts) != 1:
@@ -118,7 +128,9 @@ def plan_statement(
         raise combine.unsupported("EXPLAIN of a statement on distributed tables", "EXPLAIN support is coming; run the statement itself.")
     if not isinstance(stmt, ast.SelectStmt | ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
         return None
-    stmt = copy.deepcopy(stmt)
+    # A private tree (placeholders are written into it): parsing the text again in C is far
+    # cheaper than pglast's Python deepcopy of the tree.
+    stmt = _fresh_copy(stmt, sql)
     scan = scan_relations(stmt, model, search_path)
     if not scan.occurrences:
         return None
@@ -338,7 +350,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         rows.append(InsertRow(row_sql, key, tuple(params)))
         new_values.append(tuple(values))
     tables = _apply_tokens(scan)
-    head = copy.deepcopy(stmt)
+    head = copy.copy(stmt)
     head.selectStmt = ast.SelectStmt(
         valuesLists=((ast.A_Const(val=ast.Integer(ival=0)),),), limitOption=0, op=SetOperation.SETOP_NONE
     )
