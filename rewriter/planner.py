@@ -176,6 +176,12 @@ def _routing(stmt: ast.Node, scan: RelationScan) -> tuple[list[list[PinValue]] |
     from_items, where = _from_and_where(stmt)
     pinning = analyze_scope(scan.occurrences, from_items, where)
     multi_error: PgError | None = None
+    if pinning.multi_shard_problem is not None:
+        multi_error = combine.unsupported(
+            pinning.multi_shard_problem,
+            "Put a distributed table on the preserved side (e.g. users LEFT JOIN countries), or "
+            "filter the distributed table on its distribution column so the query runs on one shard.",
+        )
     if nested:
         if isinstance(stmt, ast.SelectStmt) and stmt.op != SetOperation.SETOP_NONE:
             what = "UNION/INTERSECT/EXCEPT over distributed tables"

@@ -40,6 +40,9 @@ class Pinning:
 
     classes: dict[int, int] = field(default_factory=dict)  # occurrence index -> class root
     pins: dict[int, list[list[PinValue]]] = field(default_factory=dict)  # class root -> AND of OR-sets
+    #: Why the statement cannot run shard by shard although its tables are co-located (an outer
+    #: join that preserves rows holding no distributed table), or None.
+    multi_shard_problem: str | None = None
 
     def connected(self, occurrences: list[Occurrence]) -> bool:
         """All given distributed occurrences are joined on their distribution columns."""
@@ -163,6 +166,7 @@ class ScopeAnalyzer:
         for o in self.occ:
             self.uf.find(o.index)
         self.raw_pins: list[tuple[int, list[PinValue]]] = []
+        self.multi_shard_problem: str | None = None
 
     def column_occurrence(self, node: ast.Node) -> Occurrence | None:
         """The occurrence whose distribution column ``node`` (a ColumnRef) names, if any."""
@@ -226,6 +230,7 @@ class ScopeAnalyzer:
         """Walk FROM items: JOIN ON equalities always link tables; pins only from inner joins."""
         if isinstance(node, ast.JoinExpr):
             is_inner = node.jointype == JoinType.JOIN_INNER
+            self._check_outer_join(node)
             self.add_join_tree(node.larg, inner=inner and is_inner)
             self.add_join_tree(node.rarg, inner=inner and is_inner)
             for c in conjuncts(node.quals):
@@ -240,6 +245,30 @@ class ScopeAnalyzer:
                     if len(lc) == 1 and len(rc) == 1 and lc[0].table.colocation_id == rc[0].table.colocation_id:
                         self.uf.union(lc[0].index, rc[0].index)
 
+    def _check_outer_join(self, node: ast.JoinExpr) -> None:
+        """An outer join whose preserved side holds no distributed table cannot run per shard.
+
+        ``countries c LEFT JOIN users u ON ...`` on each shard emits every country that has no
+        user *in that shard*: a country without users comes back once per shard, and one with
+        users on some shards gets NULL-extended rows from the others. The same holds for VALUES,
+        functions and subqueries on the preserved side. When the preserved side has a
+        distributed table, each preserved row lives in exactly one shard, which is exact.
+        """
+        preserved = {
+            JoinType.JOIN_LEFT: (node.larg,),
+            JoinType.JOIN_RIGHT: (node.rarg,),
+            JoinType.JOIN_FULL: (node.larg, node.rarg),
+        }.get(node.jointype, ())
+        if not preserved or not self._occurrences_under(node):
+            return
+        for side in preserved:
+            if not self._occurrences_under(side) and self.multi_shard_problem is None:
+                kind = {JoinType.JOIN_LEFT: "LEFT", JoinType.JOIN_RIGHT: "RIGHT"}.get(node.jointype, "FULL")
+                self.multi_shard_problem = (
+                    f"a {kind} JOIN that keeps unmatched rows of a reference table, subquery or "
+                    "function while the other side reads a distributed table"
+                )
+
     def _occurrences_under(self, node: ast.Node) -> list[Occurrence]:
         if isinstance(node, ast.RangeVar):
             return [o for o in self.occ if o.node is node]
@@ -253,6 +282,7 @@ class ScopeAnalyzer:
             p.classes[o.index] = self.uf.find(o.index)
         for idx, values in self.raw_pins:
             p.pins.setdefault(self.uf.find(idx), []).append(values)
+        p.multi_shard_problem = self.multi_shard_problem
         return p
 
 
