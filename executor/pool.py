@@ -147,6 +147,7 @@ class NodePool:
                     await conn.simple_query("ROLLBACK")
                 await conn.simple_query("DISCARD ALL")
             conn.prepared.clear()
+            conn.__dict__.pop("applied_settings", None)  # DISCARD ALL reset them too
         except Exception as exc:  # noqa: BLE001 - any failure: drop the connection
             log.info("reset of connection to %s failed (%s); closing it", self.node_name, exc)
             self.in_use -= 1
