@@ -222,7 +222,14 @@ async def run_admin(
             i = arg.number - 1
             text = _decode_param(bind.params[i], bind.param_format(i), oids[i])
         kwargs[spec.name] = _convert(text, spec, fn)
-    rows = await (fn.impl(server, kwargs, session) if fn.needs_session else fn.impl(server, kwargs))
+    from orochi_proxy.catalog import CatalogError
+
+    try:
+        rows = await (fn.impl(server, kwargs, session) if fn.needs_session else fn.impl(server, kwargs))
+    except CatalogError as exc:
+        # The catalog words its errors for SQL clients and carries a SQLSTATE (42704 unknown
+        # node, 22023 bad address...); without this they reached the client as XX000.
+        raise PgError(exc.sqlstate, exc.message) from None
     fields = result_fields(call, bind)
     out: list[bytes] = []
     if simple:
