@@ -54,13 +54,51 @@ def _with_format(f: pg.Field, fmt: int) -> pg.Field:
 
 
 class DistPortal:
-    __slots__ = ("statement", "bind", "done", "statement_name")
+    __slots__ = ("statement", "bind", "done", "statement_name", "rows", "tag")
 
     def __init__(self, statement: DistStatement, bind: pg.BindMsg, statement_name: str) -> None:
         self.statement = statement
         self.bind = bind
         self.statement_name = statement_name
         self.done = False
+        # Execute with a row limit (cursors: asyncpg's cursor.fetch(n), JDBC fetchSize): the
+        # answer is collected whole, then handed out max_rows DataRows per Execute with
+        # PortalSuspended in between, as PostgreSQL does for a portal.
+        self.rows: list[bytes] | None = None  # DataRow messages not sent yet
+        self.tag = ""  # the statement's command tag (its verb is reused per chunk)
+
+    def next_chunk(self, max_rows: int) -> bytes:
+        """Up to ``max_rows`` (0: all) buffered rows, then PortalSuspended or CommandComplete."""
+        rows = self.rows or []
+        n = len(rows) if max_rows <= 0 else min(max_rows, len(rows))
+        out, self.rows = rows[:n], rows[n:]
+        if self.rows:
+            out.append(pg.PORTAL_SUSPENDED)
+        else:
+            # PostgreSQL reports the rows of this Execute, under the statement's own verb.
+            words = self.tag.split() or ["SELECT", "0"]
+            words[-1] = str(n)
+            out.append(pg.command_complete(" ".join(words)))
+        return b"".join(out)
+
+
+def _split_answer(data: bytes) -> tuple[list[bytes], list[bytes], str]:
+    """Messages written by a distributed execution → (DataRows, other messages, command tag)."""
+    rows: list[bytes] = []
+    other: list[bytes] = []
+    tag = ""
+    pos = 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        frame = data[pos : pos + 1 + length]
+        pos += 1 + length
+        if frame[:1] == b"D":
+            rows.append(frame)
+        elif frame[:1] == b"C":
+            tag = frame[5:].rstrip(b"\x00").decode()
+        else:
+            other.append(frame)
+    return rows, other, tag
 
     def describe_portal(self) -> bytes:
         fields = self.statement.fields
@@ -283,8 +321,10 @@ class DistributedRunner:
             raise
         return pg.PARSE_COMPLETE, False
 
-    async def execute_portal(self, dp: DistPortal) -> tuple[bytes, bool]:
+    async def execute_portal(self, dp: DistPortal, max_rows: int = 0) -> tuple[bytes, bool]:
         metrics = self.server.metrics
+        if dp.rows is not None:
+            return dp.next_chunk(max_rows), False
         if dp.done:
             return pg.command_complete("SELECT 0"), False
         oids = dp.statement.param_oids or []
@@ -308,6 +348,13 @@ class DistributedRunner:
         ctx.param_oids = oids
         ctx.result_formats = dp.bind.result_formats
         metrics.statements.labels(_strategy(plan)).inc()
+        if max_rows > 0:
+            collected: list[bytes] = []
+            ctx.write = collected.append
+            await distributed.execute(plan, ctx)
+            dp.done = True
+            dp.rows, other, dp.tag = _split_answer(b"".join(collected))
+            return b"".join(other) + dp.next_chunk(max_rows), False
         await distributed.execute(plan, ctx)
         dp.done = True
         return b"", False

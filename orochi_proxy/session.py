@@ -431,10 +431,10 @@ class Session:
             self._passthrough_count.inc()
             self._forward(frame, K_EXECUTE)
             return
-        portal, _max_rows = pg.decode_execute(payload)
+        portal, max_rows = pg.decode_execute(payload)
         dp = self.dist_portals.get(portal)
         if dp is not None:
-            self._enqueue_task(lambda: self.dist.execute_portal(dp), extended=True)
+            self._enqueue_task(lambda: self.dist.execute_portal(dp, max_rows), extended=True)
             return
         lp = self.local_portals.get(portal)
         if lp is None:
