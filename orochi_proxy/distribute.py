@@ -176,7 +176,7 @@ async def _distribute(
     table_name: str,
     kind: str,
     dist_column: str | None,
-    shard_count: int,
+    shard_count: int | None,
     colocate_with: str,
 ) -> None:
     _check_session(server, session, fn)
@@ -197,6 +197,14 @@ async def _distribute(
         tdef.check_distributable(col.name)
         column_index = [c.name for c in tdef.columns].index(col.name)
         search_path = await session.dist.current_search_path()
+        if shard_count is None:
+            # Citus: without shard_count, colocate_with => 'table' takes that table's count
+            # (the default 32 made naming a table with another count an error).
+            target = None
+            if colocate_with.lower() not in ("default", "none"):
+                sch, _, tname = colocate_with.rpartition(".")
+                target = catalog.model.lookup(sch or None, tname, tuple(search_path))
+            shard_count = target.shard_count if target is not None and target.kind == "hash" else DEFAULT_SHARD_COUNT
         colocation_id, nodes_by_index = catalog.colocation_for(dist_type, shard_count, colocate_with, search_path)
         ids = await catalog.allocate_shard_ids(shard_count)
         shards = [(ids[i], i, [nodes_by_index[i]]) for i in range(shard_count)]
@@ -257,8 +265,8 @@ async def create_distributed_table(server: ProxyServer, a: dict[str, Any], sessi
         raise PgError(
             "0A000", f"distribution type {dtype!r} is not supported", hint="Only 'hash' distribution is supported."
         )
-    count = a["shard_count"] if a["shard_count"] is not None else DEFAULT_SHARD_COUNT
-    if not 1 <= count <= MAX_SHARD_COUNT:
+    count = a["shard_count"]
+    if count is not None and not 1 <= count <= MAX_SHARD_COUNT:
         raise PgError("22023", f"shard_count must be between 1 and {MAX_SHARD_COUNT}")
     await _distribute(server, session, "create_distributed_table", a["table_name"], "hash", a["distribution_column"], count, a["colocate_with"] or "default")
     return [("",)]
