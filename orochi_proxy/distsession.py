@@ -81,6 +81,12 @@ class DistPortal:
             out.append(pg.command_complete(" ".join(words)))
         return b"".join(out)
 
+    def describe_portal(self) -> bytes:
+        fields = self.statement.fields
+        if fields is None:
+            return pg.NO_DATA
+        return pg.row_description([_with_format(f, self.bind.result_format(i)) for i, f in enumerate(fields)])
+
 
 def _split_answer(data: bytes) -> tuple[list[bytes], list[bytes], str]:
     """Messages written by a distributed execution → (DataRows, other messages, command tag)."""
@@ -99,12 +105,6 @@ def _split_answer(data: bytes) -> tuple[list[bytes], list[bytes], str]:
         else:
             other.append(frame)
     return rows, other, tag
-
-    def describe_portal(self) -> bytes:
-        fields = self.statement.fields
-        if fields is None:
-            return pg.NO_DATA
-        return pg.row_description([_with_format(f, self.bind.result_format(i)) for i, f in enumerate(fields)])
 
 
 class PlanCache:
