@@ -456,22 +456,26 @@ class _Splitter:
             k = node.val.ival
             if not 1 <= k <= len(targets):
                 raise PgError("42P10", f"ORDER BY position {k} is not in select list")
-            node = targets[k - 1].val
-        elif isinstance(node, ast.ColumnRef) and len(node.fields) == 1 and isinstance(node.fields[0], ast.String):
-            named = [t for t in targets if t.name == node.fields[0].sval]
-            if len(named) == 1:
-                node = named[0].val
+            # The combine query has the same outputs in the same order, so the position means
+            # the same there. Substituting the output's expression broke on constants: ORDER BY
+            # 'x' is an error (42601) and ORDER BY 5 names another position.
+            return sb
         out = copy.copy(sb)
+        if isinstance(node, ast.ColumnRef) and len(node.fields) == 1 and isinstance(node.fields[0], ast.String):
+            named = [j for j, t in enumerate(targets) if t.name == node.fields[0].sval]
+            if len(named) == 1:
+                out.node = ast.A_Const(val=ast.Integer(ival=named[0] + 1))  # output alias → position
+                return out
         out.node = self.to_combine(node, where="ORDER BY")
         return out
 
     def _distinct_on_expr(self, e: ast.Node, combine_targets: list[ast.Node]) -> ast.Node:
         targets = self.stmt.targetList or ()
         if isinstance(e, ast.A_Const) and isinstance(e.val, ast.Integer):
-            return combine_targets[e.val.ival - 1]
-        for t, ct in zip(targets, combine_targets, strict=True):
+            return e  # same outputs in the same order: the position means the same (see ORDER BY)
+        for j, t in enumerate(targets):
             if t.val == e or (isinstance(e, ast.ColumnRef) and len(e.fields) == 1 and t.name == getattr(e.fields[0], "sval", None)):
-                return ct
+                return ast.A_Const(val=ast.Integer(ival=j + 1))
         return self.to_combine(e, where="DISTINCT ON")
 
     # -------------------------------------------------------------------- plain queries
