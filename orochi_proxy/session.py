@@ -69,6 +69,7 @@ _BODY_KINDS = {
 }
 _ERR = ord("E")
 _READY = ord("Z")
+_COPY_IN = ord("G")
 
 # Startup parameters that are session settings to reproduce on the backend.
 _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
@@ -153,6 +154,10 @@ class Session:
         # Something went to the node after its last ReadyForQuery (a Parse/Bind/Execute without
         # Sync, a Flush): the node is mid-conversation, so the connection cannot be reset.
         self._unsynced = False
+        # The node is in COPY FROM STDIN started by an extended-protocol Execute: it ignores
+        # every Sync until CopyDone/CopyFail (libpq sends one with the Execute and another after
+        # CopyDone), so those Syncs get no ReadyForQuery and must get no ``pending`` entry.
+        self._copy_in_extended = False
 
     @property
     def router(self):
@@ -464,6 +469,9 @@ class Session:
             self._forward(frame, K_CLOSE)
 
     def _on_sync(self, payload: bytes, frame: bytes) -> None:
+        if self._copy_in_extended:
+            self._forward(frame, None)  # the node ignores it in COPY mode: no answer comes
+            return
         self.local_portals.pop("", None)  # the unnamed portal ends with the implicit transaction
         self.dist_portals.pop("", None)
         if not self._unsynced and self.backend is not None:
@@ -478,6 +486,8 @@ class Session:
         self._forward(frame, None)
 
     def _on_copy(self, payload: bytes, frame: bytes) -> None:
+        if frame[0] != 100:  # CopyDone / CopyFail end COPY mode: Syncs count again
+            self._copy_in_extended = False
         self._forward(frame, None)
 
     def _on_function_call(self, payload: bytes, frame: bytes) -> None:
@@ -637,10 +647,14 @@ class Session:
                     self._observe_latency()
             elif t == _ERR:
                 self.metrics.errors.labels(_sqlstate_of(buf[s:e])).inc()
+                self._copy_in_extended = False  # an error ends COPY mode on the node
                 if head in _Z_TERMINATED:
                     continue
                 pending.popleft()
                 self._skip_to_sync()
+            elif t == _COPY_IN and head == K_EXECUTE:
+                self._enter_extended_copy_in()
+                continue
             else:
                 continue
             if pending and pending[0].__class__ is not int:
@@ -656,6 +670,13 @@ class Session:
         else:
             out.append(buf[seg:])
             self.client.write_many(out)
+
+    def _enter_extended_copy_in(self) -> None:
+        """CopyInResponse to an Execute: Syncs the client sent behind it will get no answer."""
+        self._copy_in_extended = True
+        pending = self.pending
+        while len(pending) > 1 and pending[1] == K_SYNC:
+            del pending[1]
 
     def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
         if self.closed:
