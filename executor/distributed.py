@@ -63,10 +63,31 @@ class ExecContext:
     result_formats: list[int] = field(default_factory=list)
     row_description: bytes | None = None  # sent first (simple protocol); None in extended
     throttle: Callable[[BackendConnection], None] | None = None  # pause a node while the client is full
+    # Simple-protocol statements planned by shape (rewriter.literals): $n in the plan's SQL are
+    # these literals, put back as text before sending; routing reads their values.
+    literals: tuple | None = None
 
 
 # ---------------------------------------------------------------------------------- routing
+class UnknownValue(Exception):
+    """A literal whose value the proxy does not decode (E'...', $$...$$): route to all shards."""
+
+
+def _q(ctx: ExecContext, sql: str, shift: int = 0) -> str:
+    """The SQL to send: literal texts substituted back for a shape-planned statement."""
+    if ctx.literals is None:
+        return sql
+    from rewriter.literals import substitute
+
+    return substitute(sql, ctx.literals, shift)
+
+
 def _param_text(ctx: ExecContext, number: int) -> str | None:
+    if ctx.literals is not None:
+        lit = ctx.literals[number - 1]
+        if lit.value is None:
+            raise UnknownValue(lit.text)
+        return lit.value
     i = number - 1
     if i >= len(ctx.params):
         raise PgError("08P01", f"there is no parameter ${number}")
@@ -189,12 +210,15 @@ def resolve_shards(plan: Plan, ctx: ExecContext) -> list[int]:
         shards: set[int] | None = set()
         for v in group:
             texts: list[str | None] | None
-            if v.kind == "const":
-                texts = [v.text]
-            elif v.kind == "param":
-                texts = [_param_text(ctx, v.number)]
-            else:
-                texts = _array_texts(ctx, v.number)
+            try:
+                if v.kind == "const":
+                    texts = [v.text]
+                elif v.kind == "param":
+                    texts = [_param_text(ctx, v.number)]
+                else:
+                    texts = _array_texts(ctx, v.number) if ctx.literals is None else None
+            except UnknownValue:
+                texts = None
             if texts is None:
                 shards = None
                 break
@@ -335,7 +359,7 @@ async def _run_single(plan: Plan, ctx: ExecContext, node_id: int, sql: str) -> N
         out = ClientOutput(ctx)
         res = await run_on(
             conn,
-            extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=ctx.result_formats),
+            extended_query(_q(ctx, sql), ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=ctx.result_formats),
             sink=out.sink,
             throttle=ctx.throttle,
         )
@@ -397,7 +421,7 @@ async def _run_concat(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
         conns = [await lease.get(ctx.pool_for(node), ctx.settings) for node in groups]
         msgs = [
             extended_query(
-                _union_all(plan, plan.worker_template, node_shards),
+                _q(ctx, _union_all(plan, plan.worker_template, node_shards)),
                 ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
                 result_formats=ctx.result_formats,
             )
@@ -443,7 +467,7 @@ async def _run_combine(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
         conns = [await lease.get(ctx.pool_for(node), lossless) for node in groups]
         msgs = [
             extended_query(
-                _union_all(plan, plan.worker_template, node_shards),
+                _q(ctx, _union_all(plan, plan.worker_template, node_shards)),
                 ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
                 result_formats=[0], describe=True,
             )
@@ -465,7 +489,7 @@ async def _run_combine(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
             for row in r.rows or ():
                 for i, v in enumerate(row):
                     columns[i].append(v)
-        sql = split.combine_sql([t for t, _ in types], ncols, len(ctx.param_oids))
+        sql = _q(ctx, split.combine_sql([t for t, _ in types], ncols, len(ctx.param_oids)), shift=ncols)
         array_params = [_array_literal(c) for c in columns]
         params = array_params + list(ctx.params)
         n = len(ctx.params)
@@ -550,7 +574,7 @@ async def _write_on_nodes(
         for node, sqls in per_node.items():
             body = extended_query("BEGIN", sync=False) + b"".join(
                 extended_query(
-                    s, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
+                    _q(ctx, s), ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
                     result_formats=ctx.result_formats, sync=False,
                 )
                 for s in sqls
@@ -661,7 +685,10 @@ async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
             elif key.kind == "fill":
                 text = fills[key.number][r]
             else:
-                text = _param_text(ctx, key.number)
+                try:
+                    text = _param_text(ctx, key.number)
+                except UnknownValue as exc:
+                    raise PgError("0A000", f"cannot route a row by the literal {exc} of the distribution column", hint="Write the value as a plain literal or use a parameter.") from None
         if text is None:
             raise PgError(
                 "23502",

@@ -18,17 +18,21 @@ import asyncio
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from pglast import ast
+from pglast import ast, parse_sql
 
 from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
 from rewriter.intercept import Distributed
+from rewriter.literals import Normalized, normalize, shape_is_safe
 from rewriter.planner import Plan, plan_statement
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ProxyServer
     from orochi_proxy.session import Session
+
+
+_MISSING = object()
 
 
 class DistStatement:
@@ -129,6 +133,31 @@ class PlanCache:
             self._plans.popitem(last=False)
         return plan
 
+    def get_shape(self, server: ProxyServer, norm: Normalized, search_path: tuple[str, ...]) -> Plan | None:
+        """The plan of a literal statement's shape (constants as $n); None if it cannot be used."""
+        model = server.catalog.model
+        key = ("shape", norm.key, search_path, model.version)
+        try:
+            plan = self._plans[key]
+            self._plans.move_to_end(key)
+            return plan
+        except KeyError:
+            pass
+        plan = None
+        try:
+            stmts = parse_sql(norm.shape)
+        except Exception:  # noqa: BLE001 - unusual text: plan it literally instead
+            stmts = ()
+        if len(stmts) == 1 and shape_is_safe(stmts[0].stmt) and not isinstance(stmts[0].stmt, ast.ExplainStmt):
+            try:
+                plan = plan_statement(stmts[0].stmt, norm.shape, model, search_path, model.aggregate_names)
+            except PgError:
+                plan = None  # the literal text gets the exact error from the normal path
+        self._plans[key] = plan
+        if len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+        return plan
+
 
 class TypeNames:
     """OID → (SQL type name, array type OID), loaded from the metadata node on demand."""
@@ -176,6 +205,8 @@ class DistributedRunner:
         self.search_path: tuple[str, ...] | None = None
         # (text, declared types, catalog version) -> (parameter types, result columns or None)
         self.descriptions: dict[tuple, tuple[list[int], list[pg.Field] | None]] = {}
+        # Result columns of literal statements by shape key (same shape and literal kinds).
+        self.shape_fields: dict[tuple, list[pg.Field] | None] = {}
 
     # ------------------------------------------------------------------ session facts
     async def current_search_path(self) -> tuple[str, ...]:
@@ -368,6 +399,24 @@ class DistributedRunner:
             lines = await explain(self, action, self._context(row_description=None))
             self.session.client.write(plan_rows(lines, simple=True))
             return
+        norm = normalize(action.sql)
+        if norm is not None:
+            search_path = await self.current_search_path()
+            shape_plan = self.server.plans.get_shape(self.server, norm, search_path)
+            if shape_plan is not None and _literals_route(shape_plan, norm):
+                await self._check_transaction(shape_plan)
+                fkey = (norm.key, self.server.catalog.model.version, search_path)
+                fields = self.shape_fields.get(fkey, _MISSING)
+                if fields is _MISSING:
+                    _, fields = await self.describe(action.sql, [])
+                    if len(self.shape_fields) > 2000:
+                        self.shape_fields.clear()
+                    self.shape_fields[fkey] = fields
+                ctx = self._context(row_description=pg.row_description(fields) if fields is not None else None)
+                ctx.literals = norm.literals
+                self.server.metrics.statements.labels(_strategy(shape_plan)).inc()
+                await distributed.execute(shape_plan, ctx)
+                return
         plan = await self.plan(action)
         if plan is None:
             self.session.client.write(pg.command_complete(await self.run_other(action)))
@@ -378,6 +427,16 @@ class DistributedRunner:
         ctx = self._context(row_description=row_description)
         self.server.metrics.statements.labels(_strategy(plan)).inc()
         await distributed.execute(plan, ctx)
+
+
+def _literals_route(plan: Plan, norm: Normalized) -> bool:
+    """An INSERT planned by shape must know every row's key literal (E'..' strings are not decoded)."""
+    if plan.kind != "insert":
+        return True
+    return all(
+        r.key is None or r.key.kind != "param" or norm.literals[r.key.number - 1].value is not None
+        for r in plan.insert_rows
+    )
 
 
 def _strategy(plan: Plan) -> str:
