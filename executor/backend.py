@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
 import struct
 from collections import deque
 from collections.abc import Iterable
@@ -327,7 +328,9 @@ async def connect_backend(
     except OSError as exc:
         if conn is not None:
             conn.abort()
-        raise node_unavailable(name, exc.strerror or str(exc)) from None
+        # asyncio words a refused connect as "Connect call failed (...)": prefer the OS's words.
+        why = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+        raise node_unavailable(name, why) from None
     except PgError:
         if conn is not None:
             conn.abort()

@@ -274,6 +274,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE orochi_catalog.tables ADD COLUMN fill_columns jsonb NOT NULL DEFAULT '{}'::jsonb",
         ),
     ),
+    Migration(
+        4,
+        "one node per server: loopback spellings of a host are the same node",
+        ("CREATE UNIQUE INDEX nodes_host_key_port ON orochi_catalog.nodes (orochi_catalog.host_key(host), port)",),
+    ),
 )
 
 

@@ -382,13 +382,21 @@ class DistributedRunner:
         if max_rows > 0:
             collected: list[bytes] = []
             ctx.write = collected.append
-            await distributed.execute(plan, ctx)
+            await self._execute(plan, ctx)
             dp.done = True
             dp.rows, other, dp.tag = _split_answer(b"".join(collected))
             return b"".join(other) + dp.next_chunk(max_rows), False
-        await distributed.execute(plan, ctx)
+        await self._execute(plan, ctx)
         dp.done = True
         return b"", False
+
+    async def _execute(self, plan: Plan, ctx: distributed.ExecContext) -> None:
+        if plan.kind == "insert_select":
+            from orochi_proxy.distinsert import insert_select_via_proxy
+
+            await insert_select_via_proxy(self, plan, ctx)
+            return
+        await distributed.execute(plan, ctx)
 
     # ------------------------------------------------------------------ simple protocol
     async def run_simple(self, action: Distributed) -> None:
@@ -426,11 +434,13 @@ class DistributedRunner:
         row_description = pg.row_description(fields) if fields is not None else None
         ctx = self._context(row_description=row_description)
         self.server.metrics.statements.labels(_strategy(plan)).inc()
-        await distributed.execute(plan, ctx)
+        await self._execute(plan, ctx)
 
 
 def _literals_route(plan: Plan, norm: Normalized) -> bool:
     """An INSERT planned by shape must know every row's key literal (E'..' strings are not decoded)."""
+    if plan.kind == "insert_select":
+        return False
     if plan.kind != "insert":
         return True
     return all(

@@ -65,6 +65,9 @@ class Plan:
     insert_rows: list[InsertRow] = field(default_factory=list)
     multi_error: PgError | None = None  # raised if execution needs more than one shard
     insert_fill: list[str] = field(default_factory=list)  # SQL for __orochi_fill_<i>__ values
+    # INSERT ... SELECT run through the proxy: the SELECT, and the target columns it feeds.
+    select_sql: str | None = None
+    insert_columns: tuple[str, ...] = ()
     has_params: bool = False
 
     def sql_for_shard(self, template: str, shard_index: int) -> str:
@@ -135,6 +138,9 @@ def plan_statement(
     if not scan.occurrences:
         return None
     dist = scan.distributed
+    if isinstance(stmt, ast.InsertStmt):
+        # The target is written, not joined: INSERT planning checks its sources itself.
+        return _plan_insert(stmt, sql, scan, model, search_path, aggregate_names)
     if dist and scan.other_relations:
         other = scan.other_relations[0]
         name = f"{other.schemaname}.{other.relname}" if other.schemaname else other.relname
@@ -304,7 +310,12 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         return Plan("ref_modify", sql, tables, _deparse(stmt), command="INSERT", returning=returning)
     select = stmt.selectStmt
     if select is None or not isinstance(select, ast.SelectStmt) or not select.valuesLists:
-        return _plan_insert_select(stmt, sql, scan, table, model, search_path)
+        try:
+            return _plan_insert_select(stmt, sql, scan, table, model, search_path)
+        except PgError as exc:
+            if exc.sqlstate != "0A000" or stmt.onConflictClause is not None or stmt.returningClause:
+                raise
+            return _plan_insert_select_via_proxy(stmt, sql, table, exc)
     if len(scan.occurrences) > 1:
         raise combine.unsupported("INSERT ... VALUES with subqueries over catalog tables")
     if stmt.withClause is not None:
@@ -448,4 +459,27 @@ def _plan_insert_select(stmt: ast.InsertStmt, sql: str, scan: RelationScan, tabl
     return Plan(
         "modify", sql, tables, _deparse(stmt), shard_count=table.shard_count, pins=pins,
         dist_type=table.dist_type, command="INSERT", returning=bool(stmt.returningClause),
+    )
+
+
+def _plan_insert_select_via_proxy(stmt: ast.InsertStmt, sql: str, table: TableInfo, why: PgError) -> Plan:
+    """INSERT ... SELECT that cannot run shard by shard: the proxy runs the SELECT and routes rows.
+
+    The SELECT may be anything the proxy can answer (a multi-shard merge, a reference table, local
+    tables); its rows are routed by the distribution column like COPY. RETURNING and ON CONFLICT
+    are not offered on this path (the caller raises ``why`` for them).
+    """
+    select = stmt.selectStmt
+    names = [c.name for c in stmt.cols] if stmt.cols else None
+    if names is None:
+        names = list(table.columns)
+    if not table.is_reference and table.dist_column not in names and table.dist_column not in table.fill:
+        raise why
+    select_sql = _deparse(select)
+    if stmt.withClause is not None:
+        prefix = "WITH RECURSIVE " if stmt.withClause.recursive else "WITH "
+        select_sql = prefix + _deparse(stmt.withClause) + " " + select_sql
+    return Plan(
+        "insert_select", sql, [table], "", shard_count=table.shard_count, dist_type=table.dist_type,
+        command="INSERT", select_sql=select_sql, insert_columns=tuple(names),
     )

@@ -1,0 +1,148 @@
+"""INSERT ... SELECT into a distributed or reference table that cannot run shard by shard.
+
+The proxy runs the SELECT itself — a multi-shard merge, a router query, reference or local
+tables — collecting its rows as text, then routes each row by its distribution value and loads
+the shards with COPY inside one transaction per node, two-phase committed across nodes (the
+same path as ``COPY FROM STDIN``, see ``orochi_proxy.distcopy``). The rows are held in memory
+between the two steps; that is the price of the general case (co-located INSERT ... SELECT is
+pushed down instead and moves no rows through the proxy).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from pglast import parse_sql
+
+from executor import distributed
+from executor import protocol as pg
+from executor.protocol import PgError
+from executor.tasks import extended_query, run_on
+from orochi_proxy.distcopy import _commit, _NodeWriter
+from rewriter.planner import Plan, plan_statement
+
+if TYPE_CHECKING:
+    from orochi_proxy.distsession import DistributedRunner
+
+
+def copy_text_value(value: bytes | None) -> bytes:
+    """A value in COPY's text format (the inverse of ``executor.copyio.unescape_text_field``)."""
+    if value is None:
+        return b"\\N"
+    return (
+        value.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    )
+
+
+class _Rows:
+    """Collects DataRows written by a distributed SELECT (text format)."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[bytes | None]] = []
+
+    def write(self, data: bytes) -> None:
+        pos = 0
+        while pos + 5 <= len(data):
+            n = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if data[pos] == ord("D"):
+                self.rows.append(pg.decode_data_row(data[pos + 5 : pos + 1 + n]))
+            pos += 1 + n
+
+
+async def _select_rows(runner: DistributedRunner, sql: str, ctx: distributed.ExecContext) -> list[list[bytes | None]]:
+    model = runner.server.catalog.model
+    search_path = await runner.current_search_path()
+    stmt = parse_sql(sql)[0].stmt
+    inner = plan_statement(stmt, sql, model, search_path, model.aggregate_names)
+    if inner is not None:
+        if inner.kind not in ("select", "ref_select"):
+            raise PgError("0A000", "INSERT ... SELECT needs a plain SELECT as its source")
+        sink = _Rows()
+        sub = distributed.ExecContext(
+            database=ctx.database, pool_for=ctx.pool_for, metadata_pool=ctx.metadata_pool,
+            metadata_node_id=ctx.metadata_node_id, write=sink.write, drain=ctx.drain,
+            settings=ctx.settings, type_names=ctx.type_names, params=ctx.params,
+            param_formats=ctx.param_formats, param_oids=ctx.param_oids, result_formats=[0],
+        )
+        await distributed.execute(inner, sub)
+        return sink.rows
+    pool = ctx.metadata_pool()
+    conn = await pool.acquire()
+    try:
+        await distributed._with_settings(conn, ctx.settings)
+        res = await run_on(
+            conn,
+            extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=[0]),
+            collect=True,
+        )
+    finally:
+        pool.release(conn, reset=not conn.usable)
+    if res.error is not None:
+        raise res.error
+    return res.rows or []
+
+
+async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: distributed.ExecContext) -> None:
+    table = plan.tables[0]
+    names = list(plan.insert_columns)
+    assert plan.select_sql is not None
+    rows = await _select_rows(runner, plan.select_sql, ctx)
+    if rows and len(rows[0]) != len(names):
+        more = len(rows[0]) > len(names)
+        raise PgError("42601", "INSERT has more expressions than target columns" if more else "INSERT has more target columns than expressions")
+    missing = [c for c in table.fill if c not in names]
+    if missing and rows:
+        fill_plan = Plan("insert", plan.sql, [table], "", insert_fill=[table.fill[c] for c in missing])
+        values = await distributed._fill_values(fill_plan, ctx, len(rows))
+        for i, row in enumerate(rows):
+            row.extend(values[j][i].encode() for j in range(len(missing)))
+        names += missing
+    key = names.index(table.dist_column) if not table.is_reference else -1
+    buffers: dict[int, list[bytes]] = defaultdict(list)
+    for row in rows:
+        if key >= 0:
+            value = row[key]
+            if value is None:
+                raise PgError("23502", f'null value in distribution column "{table.dist_column}" of relation "{table.name}"')
+            idx = distributed.shard_of(table.dist_type or "", value.decode(), table.shard_count)
+            if idx is None or idx < 0:
+                raise PgError("22P02", f'invalid input for distribution column "{table.dist_column}": "{value.decode()}"')
+        else:
+            idx = 0
+        buffers[idx].append(b"\t".join(copy_text_value(v) for v in row) + b"\n")
+    cols = ", ".join(_ident(n) for n in names)
+    writers: dict[int, _NodeWriter] = {}
+    try:
+        for idx, lines in buffers.items():
+            shard = table.shards[idx]
+            sql = f"COPY {_ident(table.schema)}.{_ident(table.shard_name(shard))} ({cols}) FROM STDIN"
+            for node in shard.node_ids:
+                w = writers.get(node)
+                if w is None:
+                    pool = ctx.pool_for(node)
+                    conn = await pool.acquire()
+                    w = writers[node] = _NodeWriter(conn, pool)
+                    await distributed._with_settings(conn, ctx.settings)
+                    await conn.simple_query("BEGIN")
+                await w.copy(sql, b"".join(lines))
+        await _commit(list(writers.values()))
+        writers_done = True
+    except BaseException:
+        writers_done = False
+        raise
+    finally:
+        for w in writers.values():
+            if not writers_done and w.conn.usable and w.conn.tx_status != b"I":
+                try:
+                    await w.conn.simple_query("ROLLBACK")
+                except PgError:
+                    w.conn.broken = True
+            w.pool.release(w.conn, reset=not w.conn.usable)
+    ctx.write(pg.command_complete(f"INSERT 0 {len(rows)}"))
+
+
+def _ident(name: str) -> str:
+    if name.isidentifier() and name == name.lower() and name.isascii():
+        return name
+    return '"' + name.replace('"', '""') + '"'
