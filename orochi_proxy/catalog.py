@@ -500,14 +500,15 @@ class Catalog:
                 async with self._change() as ch:
                     node_id = await ch.conn.fetchval(
                         f"INSERT INTO {SCHEMA}.nodes (host, port) VALUES ($1, $2) "
-                        "ON CONFLICT (host, port) DO NOTHING RETURNING node_id",
+                        "ON CONFLICT DO NOTHING RETURNING node_id",
                         host,
                         port,
                     )
                     if node_id is None:
                         ch.changed = False
                         node_id = await ch.conn.fetchval(
-                            f"SELECT node_id FROM {SCHEMA}.nodes WHERE host = $1 AND port = $2",
+                            f"SELECT node_id FROM {SCHEMA}.nodes "
+                            f"WHERE {SCHEMA}.host_key(host) = {SCHEMA}.host_key($1) AND port = $2",
                             host,
                             port,
                         )
