@@ -150,6 +150,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
     sizes: dict[int, int] = defaultdict(int)
     total = 0
     error: BaseException | None = None
+    client_done = False  # CopyDone/CopyFail consumed: nothing of the client's left to discard
 
     async def writer_for(node: int) -> _NodeWriter:
         w = writers.get(node)
@@ -199,6 +200,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
                 for idx in route(rows):
                     await flush(idx)
             elif mtype == ord("c"):
+                client_done = True
                 rows = splitter.finish()
                 total += len(rows)
                 route(rows)
@@ -206,6 +208,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
                     await flush(idx)
                 break
             elif mtype == ord("f"):
+                client_done = True
                 raise PgError("57014", f"COPY from stdin failed: {pg.read_cstr(payload, 0)[0]}")
         await _commit(list(writers.values()))
         writers.clear()
@@ -217,7 +220,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
         session.copy_sink = None
         if error is not None:
             # The client keeps sending until CopyDone/CopyFail: swallow the rest of its data.
-            if not isinstance(error, asyncio.CancelledError):
+            if not isinstance(error, asyncio.CancelledError) and not client_done:
                 await _discard_rest(queue, error)
             for w in writers.values():
                 if w.conn.usable and w.conn.tx_status != b"I":
