@@ -11,9 +11,9 @@ Strategies (see the planner):
   with the client's result formats.
 * **writes on several nodes** — every node runs its shard statements inside ``BEGIN``; with more
   than one node the transaction is two-phase committed (``PREPARE TRANSACTION`` everywhere, then
-  ``COMMIT PREPARED``), so it is applied on all or none. (Crash recovery of prepared transactions
-  comes with the transactions work; until then a proxy crash between the phases leaves prepared
-  transactions for an operator: their gid starts with ``orochi_``.)
+  ``COMMIT PREPARED``), so it is applied on all or none; the commit decision is recorded in the
+  metadata database first (``executor.twophase``), and ``orochi_proxy.recovery`` finishes what a
+  crashed proxy left prepared.
 
 The output path writes straight to the client: a distributed statement runs only when its answer
 is at the head of the session's ordered answers, so nothing can overtake it.
@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from executor import protocol as pg
+from executor import twophase
 from executor.backend import BackendConnection
 from executor.pool import NodePool
 from executor.protocol import PgError
@@ -40,6 +41,18 @@ from rewriter.planner import Plan
 GID_PREFIX = "orochi_"
 _gid_counter = itertools.count(1)
 _PROCESS_TAG = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+async def _no_record(gid: str, nodes: list[int]) -> None:
+    return None
+
+
+async def _no_forget(gid: str) -> None:
+    return None
+
+
+# For contexts built without a server (tests): two-phase commit without a durable decision.
+_NO_LOG = twophase.Decider(0, _no_record, _no_forget, set())
 
 # Backend settings that change how values are printed or parsed; reproduced on node connections.
 OUTPUT_SETTINGS = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "bytea_output")
@@ -66,6 +79,7 @@ class ExecContext:
     # Simple-protocol statements planned by shape (rewriter.literals): $n in the plan's SQL are
     # these literals, put back as text before sending; routing reads their values.
     literals: tuple | None = None
+    decider: twophase.Decider | None = None  # records commit decisions (the server's TransactionLog)
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -562,7 +576,6 @@ async def _write_on_nodes(
     shards_of_node: dict[int, list[int]] | None = None,
 ) -> None:
     lease = _Lease()
-    prepared: list[tuple[BackendConnection, str]] = []
     open_tx: list[BackendConnection] = []
     try:
         if ctx.row_description is not None and plan.returning:
@@ -614,23 +627,9 @@ async def _write_on_nodes(
         if relay_rows_from is not None:
             node_tags = results[list(per_node).index(relay_rows_from)].tags
             tags = [t for t in node_tags if t != "BEGIN"]
-        if len(conns) == 1:
-            conn = next(iter(conns.values()))
-            res = await run_on(conn, pg.query("COMMIT"))
-            open_tx.clear()
-            _raise(res)
-        else:
-            gid = f"{GID_PREFIX}{_PROCESS_TAG}_{next(_gid_counter)}"
-            prep = await _gather([run_on(c, pg.query(f"PREPARE TRANSACTION '{gid}'")) for c in conns.values()])
-            failed = [r.error for r in prep if r.error is not None]
-            prepared = [(c, gid) for c, r in zip(conns.values(), prep, strict=True) if r.error is None]
-            open_tx.clear()
-            if failed:
-                await _gather([run_on(c, pg.query(f"ROLLBACK PREPARED '{g}'")) for c, g in prepared])
-                prepared = []
-                raise failed[0]  # type: ignore[misc]
-            await _gather([run_on(c, pg.query(f"COMMIT PREPARED '{g}'")) for c, g in prepared])
-            prepared = []
+        # All or nothing across nodes: two-phase commit with a durable decision (executor.twophase).
+        open_tx.clear()
+        await twophase.commit(list(conns.items()), ctx.decider or _NO_LOG)
         ctx.write(pg.command_complete(_sum_tags(tags, plan.command)))
     finally:
         for c in open_tx:

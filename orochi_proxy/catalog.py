@@ -279,6 +279,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         "one node per server: loopback spellings of a host are the same node",
         ("CREATE UNIQUE INDEX nodes_host_key_port ON orochi_catalog.nodes (orochi_catalog.host_key(host), port)",),
     ),
+    Migration(
+        5,
+        "two-phase commit decisions (the commit point of a distributed transaction)",
+        (
+            """
+            CREATE TABLE orochi_catalog.transactions (
+                gid text PRIMARY KEY,
+                coordinator bigint NOT NULL,
+                node_ids integer[] NOT NULL,
+                decided_at timestamptz NOT NULL DEFAULT now()
+            )
+            """,
+        ),
+    ),
 )
 
 

@@ -74,6 +74,7 @@ class BackendSettings:
     pool_size: int = 50
     connect_timeout: float = 5.0
     acquire_timeout: float = 30.0
+    recovery_interval: float = 30.0  # seconds between runs of prepared-transaction recovery
 
 
 @dataclass

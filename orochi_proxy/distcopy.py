@@ -24,6 +24,7 @@ from pglast import ast
 from pglast.stream import RawStream
 
 from executor import protocol as pg
+from executor import twophase
 from executor.backend import BackendConnection
 from executor.copysplit import (
     BINARY_HEADER,
@@ -32,7 +33,7 @@ from executor.copysplit import (
     CsvSplitter,
     TextSplitter,
 )
-from executor.distributed import _PROCESS_TAG, GID_PREFIX, _gid_counter, shard_of
+from executor.distributed import shard_of
 from executor.protocol import PgError
 from executor.tasks import run_on
 from rewriter.intercept import Distributed
@@ -210,7 +211,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
             elif mtype == ord("f"):
                 client_done = True
                 raise PgError("57014", f"COPY from stdin failed: {pg.read_cstr(payload, 0)[0]}")
-        await _commit(list(writers.values()))
+        await _commit(writers, runner.server.txlog.decider())
         writers.clear()
         return f"COPY {total}"
     except BaseException as exc:
@@ -251,24 +252,9 @@ async def _discard_rest(queue: CopyInQueue, error: BaseException) -> None:
         session.copy_sink = None
 
 
-async def _commit(writers: list[_NodeWriter]) -> None:
-    if not writers:
-        return
-    if len(writers) == 1:
-        await writers[0].conn.simple_query("COMMIT")
-        return
-    gid = f"{GID_PREFIX}{_PROCESS_TAG}_copy_{next(_gid_counter)}"
-    prepared: list[_NodeWriter] = []
-    try:
-        for w in writers:
-            await w.conn.simple_query(f"PREPARE TRANSACTION '{gid}'")
-            prepared.append(w)
-    except PgError:
-        for w in prepared:
-            await w.conn.simple_query(f"ROLLBACK PREPARED '{gid}'")
-        raise
-    for w in prepared:
-        await w.conn.simple_query(f"COMMIT PREPARED '{gid}'")
+async def _commit(writers: dict[int, _NodeWriter], decider) -> None:
+    """Commit every node's load: one node commits plainly, several by two-phase commit."""
+    await twophase.commit([(node, w.conn) for node, w in writers.items()], decider, kind="copy")
 
 
 async def copy_to_stdout(runner: DistributedRunner, stmt: ast.CopyStmt, table: TableInfo | None, query_plan) -> str:

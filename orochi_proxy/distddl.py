@@ -19,8 +19,8 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from executor import protocol as pg
+from executor import twophase
 from executor.backend import BackendConnection
-from executor.distributed import _PROCESS_TAG, GID_PREFIX, _gid_counter
 from executor.protocol import PgError
 from executor.tabledef import read_index_names
 from rewriter import ddl
@@ -110,8 +110,6 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
         t = targets[0]
         before = await read_index_names(runner_query(runner), t.schema, t.name)
 
-    # Participants: the metadata node (session connection) + every node holding a shard.
-    gid = f"{GID_PREFIX}{_PROCESS_TAG}_ddl_{next(_gid_counter)}"
     shard_stmt = stmt
     if concurrently:
         tag = await _run_tagged(runner, action.sql)
@@ -128,9 +126,9 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
             raise PgError("XX000", "could not determine the name of the new index")
         shard_stmt = ddl.name_index(stmt, new[0])
     if not concurrently:
-        await _run_tagged(runner, *_catalog_sql(kind, stmt, targets), f"PREPARE TRANSACTION '{gid}'")
+        await _run_tagged(runner, *_catalog_sql(kind, stmt, targets))
+    per_node: dict[int, list[str]] = defaultdict(list)
     try:
-        per_node: dict[int, list[str]] = defaultdict(list)
         for table, part in ddl.split_by_table(shard_stmt, resolve, resolve_index):
             if table is None:
                 continue
@@ -139,17 +137,14 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
                 for node in shard.node_ids:
                     per_node[node].append(sql)
         log.debug("DDL %s on %s: %d shard statements on %d nodes", kind, [t.name for t in targets], sum(map(len, per_node.values())), len(per_node))
-        if concurrently:
-            await _run_per_node(runner, per_node, transactional=False)
-        else:
-            await _two_phase(runner, per_node, gid)
     except BaseException:
         if not concurrently:
-            await _run_tagged(runner, f"ROLLBACK PREPARED '{gid}'")
+            await _run_tagged(runner, "ROLLBACK")
         raise
-    if not concurrently:
-        # Each on its own: COMMIT PREPARED refuses to run inside a multi-statement Query.
-        await _run_tagged(runner, f"COMMIT PREPARED '{gid}'")
+    if concurrently:
+        await _run_per_node(runner, per_node, transactional=False)
+    else:
+        await _commit_everywhere(runner, per_node)
         await _run_tagged(runner, _NOTIFY)
     await server.catalog.reload()
     runner.server.plans = type(runner.server.plans)()  # plans mention old shapes
@@ -217,29 +212,35 @@ async def _run_per_node(runner: DistributedRunner, per_node: dict[int, list[str]
             pool.release(conn, reset=not conn.usable)  # type: ignore[attr-defined]
 
 
-async def _two_phase(runner: DistributedRunner, per_node: dict[int, list[str]], gid: str) -> None:
-    """Prepare the shard statements on every node; commit all or roll back all."""
+async def _commit_everywhere(runner: DistributedRunner, per_node: dict[int, list[str]]) -> None:
+    """Shard statements in a transaction per node, then all participants (the metadata node's
+    open transaction on the session's connection among them) committed by two-phase commit."""
+    session = runner.session
+    backend = session.backend
+    assert backend is not None
+    md = runner.server.catalog.metadata_node
     taken: list[tuple[object, BackendConnection]] = []
-    prepared: list[tuple[BackendConnection, str]] = []
+    participants: list[tuple[int, BackendConnection]] = [(md.node_id if md is not None else 0, backend)]
+    backend.consumer = None
     try:
-        for node, stmts in per_node.items():
-            pool, conn = await _conn_for(runner, node)
-            taken.append((pool, conn))
-            try:
-                await conn.simple_query("BEGIN; " + "; ".join(stmts) + f"; PREPARE TRANSACTION '{gid}_{node}'")
-            except PgError:
+        try:
+            for node, stmts in per_node.items():
+                pool, conn = await _conn_for(runner, node)
+                taken.append((pool, conn))
+                await conn.simple_query("BEGIN; " + "; ".join(stmts))
+                participants.append((node, conn))
+        except BaseException:
+            for _node, conn in participants:
                 if conn.usable and conn.tx_status != b"I":
-                    await conn.simple_query("ROLLBACK")
-                raise
-            prepared.append((conn, f"{gid}_{node}"))
-        for conn, g in prepared:
-            await conn.simple_query(f"COMMIT PREPARED '{g}'")
-        prepared.clear()
+                    try:
+                        await conn.simple_query("ROLLBACK")
+                    except PgError:
+                        conn.broken = True
+            raise
+        await twophase.commit(participants, runner.server.txlog.decider(), kind="ddl")
     finally:
-        for conn, g in prepared:
-            try:
-                await conn.simple_query(f"ROLLBACK PREPARED '{g}'")
-            except PgError:
-                pass
+        if not backend.closed:
+            backend.consumer = session
+        session.tx_status = backend.tx_status
         for pool, conn in taken:
             pool.release(conn, reset=not conn.usable)  # type: ignore[attr-defined]

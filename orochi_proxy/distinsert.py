@@ -126,7 +126,7 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
                     await distributed._with_settings(conn, ctx.settings)
                     await conn.simple_query("BEGIN")
                 await w.copy(sql, b"".join(lines))
-        await _commit(list(writers.values()))
+        await _commit(writers, ctx.decider or distributed._NO_LOG)
         writers_done = True
     except BaseException:
         writers_done = False

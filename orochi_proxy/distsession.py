@@ -286,6 +286,7 @@ class DistributedRunner:
             type_names=server.type_names.lookup,
             row_description=row_description,
             throttle=s.client.throttle,
+            decider=server.txlog.decider(),
         )
 
     # ------------------------------------------------------------------ extended protocol

@@ -281,4 +281,12 @@ async def orochi_catalog_version(server: ProxyServer, a: dict[str, Any]) -> list
     return [(server.catalog.version,)]
 
 
+@admin_function("recover_prepared_transactions", [], [("recover_prepared_transactions", INT4)])
+async def recover_prepared_transactions(server: ProxyServer, a: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Resolve orphaned two-phase transactions now; returns how many were committed or rolled back."""
+    from orochi_proxy.recovery import recover
+
+    return [(await recover(server),)]
+
+
 ADMIN_VIEWS = ("citus_nodes", "pg_dist_node", "citus_tables", "citus_shards")

@@ -9,6 +9,7 @@ closed connection for that client only; nothing a client sends can stop the serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from orochi_proxy.config import ProxyConfig
 from orochi_proxy.distsession import PlanCache, TypeNames
 from orochi_proxy.localexec import ADMIN_VIEWS, REGISTRY
 from orochi_proxy.metrics import ProxyMetrics
+from orochi_proxy.recovery import TransactionLog, recovery_loop
 from orochi_proxy.session import Session
 from rewriter.intercept import Interceptor
 
@@ -384,6 +386,8 @@ class ProxyServer:
             ),
             on_change=self._pool_changed,
         )
+        self.txlog = TransactionLog(self.catalog._connect_kwargs)
+        self._recovery_task: asyncio.Task[None] | None = None
         self.router = self._make_router()
         self.plans = PlanCache()
         self.type_names = TypeNames(self)
@@ -421,6 +425,10 @@ class ProxyServer:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.catalog.open()
+        await self.txlog.open()
+        self._recovery_task = asyncio.get_running_loop().create_task(
+            recovery_loop(self, self.config.backend.recovery_interval), name="orochi-recovery"
+        )
         self.router = self._make_router()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -444,7 +452,12 @@ class ProxyServer:
             self._server.close()
         for client in list(self.clients):
             client.fail(PgError("57P01", "terminating connection due to administrator command", "FATAL"))
+        if self._recovery_task is not None:
+            self._recovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recovery_task
         await self.pools.close()
+        await self.txlog.close()
         await self.catalog.close()
 
     # ------------------------------------------------------------------ clients and sessions
