@@ -234,6 +234,12 @@ class Session:
         """A CancelRequest named this session: cancel on the node and any local task."""
         if self.backend is not None and self.pending:
             asyncio.get_running_loop().create_task(self.backend.cancel())
+            if self.backend.consumer is None:
+                # A local task is waiting on the metadata node in collect mode: the node's own
+                # 57014 ends its statement. Cancelling the task instead would abandon that
+                # exchange, and the node's late ErrorResponse/ReadyForQuery would then be relayed
+                # as the answer to the client's next statement.
+                return
         for entry in self.pending:
             if isinstance(entry, LocalAnswer) and entry.task is not None:
                 entry.task.cancel()
