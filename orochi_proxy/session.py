@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -70,6 +71,13 @@ _BODY_KINDS = {
 _ERR = ord("E")
 _READY = ord("Z")
 _COPY_IN = ord("G")
+
+# A simple Query that drops prepared statements: DEALLOCATE [PREPARE] name | ALL, DISCARD ALL.
+_DEALLOCATE = re.compile(
+    rb'\s*(?:DEALLOCATE\s+(?:PREPARE\s+)?(?P<name>"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)'
+    rb"|DISCARD\s+ALL)\s*;?\s*\x00?",
+    re.IGNORECASE,
+)
 
 # Startup parameters that are session settings to reproduce on the backend.
 _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
@@ -312,12 +320,38 @@ class Session:
         self._stmt_started = time.perf_counter()
         if b"search_path" in payload:
             self.dist.invalidate_search_path()
+        if (self.local_statements or self.dist_statements) and self._on_deallocate(payload):
+            return
         if not self.router.may_intercept(payload):
             self._passthrough_count.inc()
             self._forward(frame, K_QUERY)
             return
         sql = pg.decode_query(payload)
         self._enqueue_task(lambda: self._run_simple_query(sql), extended=False)
+
+    def _on_deallocate(self, payload: bytes) -> bool:
+        """DEALLOCATE of a statement the proxy answers itself: the node never saw it.
+
+        Forwarded, ``DEALLOCATE name`` failed on the node with 26000 (psycopg with libpq < 17
+        evicts prepared statements this way). Returns True if answered here; DEALLOCATE ALL and
+        DISCARD ALL go on to the node and drop the proxy's statements too.
+        """
+        m = _DEALLOCATE.fullmatch(payload)
+        if m is None:
+            return False
+        raw = m.group("name")
+        if raw is None or raw.upper() == b"ALL":
+            self.local_statements.clear()
+            self.dist_statements.clear()
+            return False
+        if raw[:1] == b'"':
+            name = raw[1:-1].replace(b'""', b'"').decode()
+        else:
+            name = raw.decode().lower()
+        if name not in self.local_statements and name not in self.dist_statements:
+            return False
+        self._enqueue_task(lambda: self._run_deallocate(name), extended=False)
+        return True
 
     def _on_parse(self, payload: bytes, frame: bytes) -> None:
         if not self.router.may_intercept(payload):
@@ -734,6 +768,15 @@ class Session:
                 self.client.write(exc.to_message())
                 break
         return pg.ready_for_query(self.tx_status), False
+
+    async def _run_deallocate(self, name: str) -> tuple[bytes, bool]:
+        if self.tx_status == pg.TX_FAILED:
+            raise PgError(
+                "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+            )
+        self.local_statements.pop(name, None)
+        self.dist_statements.pop(name, None)
+        return pg.command_complete("DEALLOCATE") + pg.ready_for_query(self.tx_status), False
 
     async def _run_local_portal(self, lp: LocalPortal) -> tuple[bytes, bool]:
         self.metrics.statements.labels("admin").inc()
