@@ -130,7 +130,74 @@ def _binary_to_text(raw: bytes, oid: int) -> str:
         import datetime
 
         return (datetime.date(2000, 1, 1) + datetime.timedelta(days=struct.unpack("!i", raw)[0])).isoformat()
+    # psycopg sends these in binary even for %s, asyncpg always: without them such a
+    # distribution column could not be queried or written by parameter at all.
+    decode = _BINARY_DECODERS.get(oid)
+    if decode is not None:
+        return decode(raw)
     raise _unroutable()
+
+
+def _float_text(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "Infinity" if v > 0 else "-Infinity"
+    return repr(v)
+
+
+def _numeric_text(raw: bytes) -> str:
+    """Binary numeric (ndigits, weight, sign, dscale, base-10000 digits) as PostgreSQL prints it."""
+    ndigits, weight, sign, dscale = struct.unpack_from("!hhHh", raw, 0)
+    special = {0xC000: "NaN", 0xD000: "Infinity", 0xF000: "-Infinity"}
+    if sign in special:
+        return special[sign]
+    value = 0
+    for d in struct.unpack_from(f"!{ndigits}H", raw, 8):
+        value = value * 10000 + d
+    digits, exp = str(value), 4 * (weight - ndigits + 1)
+    if exp >= 0:
+        whole, frac = digits + "0" * exp, ""
+    else:
+        digits = digits.rjust(1 - exp, "0")
+        whole, frac = digits[:exp], digits[exp:]
+    frac = (frac + "0" * dscale)[:dscale]
+    text = (whole.lstrip("0") or "0") + ("." + frac if frac else "")
+    return ("-" if sign == 0x4000 else "") + text
+
+
+def _timestamp_text(raw: bytes, suffix: str) -> str:
+    """Binary timestamp[tz] (microseconds since 2000-01-01, UTC for tz) as text."""
+    import datetime
+
+    (us,) = struct.unpack("!q", raw)
+    if us in (2**63 - 1, -(2**63)):
+        return "infinity" if us > 0 else "-infinity"
+    try:
+        value = datetime.datetime(2000, 1, 1) + datetime.timedelta(microseconds=us)
+    except OverflowError:
+        raise UnknownValue("a timestamp outside years 1-9999") from None  # all shards / 0A000
+    return value.isoformat(" ") + suffix
+
+
+def _time_text(raw: bytes) -> str:
+    (us,) = struct.unpack("!q", raw)
+    secs, us = divmod(us, 1_000_000)
+    return f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{us:06d}"
+
+
+_BINARY_DECODERS: dict[int, Callable[[bytes], str]] = {
+    16: lambda raw: "t" if raw[:1] != b"\x00" else "f",  # bool
+    17: lambda raw: "\\x" + raw.hex(),  # bytea
+    18: lambda raw: chr(raw[0]) if raw and 32 < raw[0] < 127 and raw[0] != 92 else f"\\{raw[0] if raw else 0:03o}",  # "char"
+    26: lambda raw: str(struct.unpack("!I", raw)[0]),  # oid
+    700: lambda raw: _float_text(struct.unpack("!f", raw)[0]),
+    701: lambda raw: _float_text(struct.unpack("!d", raw)[0]),
+    1083: _time_text,
+    1114: lambda raw: _timestamp_text(raw, ""),
+    1184: lambda raw: _timestamp_text(raw, "+00:00"),
+    1700: _numeric_text,
+}
 
 
 def _unroutable() -> PgError:
