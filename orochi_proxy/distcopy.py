@@ -126,6 +126,16 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
     opts = _options(stmt)
     fmt = str(opts.get("format", "text")).lower()
     columns = [c.sval for c in stmt.attlist] if stmt.attlist else list(table.columns)
+    # Shards have no sequences (the proxy fills those columns on INSERT), so an omitted
+    # serial/identity/nextval column would be stored NULL where PostgreSQL fills it.
+    unfilled = [c for c in table.fill if c not in columns]
+    if unfilled:
+        raise PgError(
+            "0A000",
+            f'COPY into "{table.name}" must list the sequence-filled column(s) {", ".join(unfilled)}: '
+            "COPY does not fill them on distributed or reference tables yet",
+            hint="Supply the values in the COPY data, or use INSERT, which fills them.",
+        )
     if not table.is_reference and table.dist_column not in columns:
         raise PgError("23502", f'COPY into "{table.name}" must include the distribution column "{table.dist_column}"')
     key_index = columns.index(table.dist_column) if not table.is_reference else 0
