@@ -230,7 +230,10 @@ async def _commit_everywhere(runner: DistributedRunner, per_node: dict[int, list
                 await conn.simple_query("BEGIN; " + "; ".join(stmts))
                 participants.append((node, conn))
         except BaseException:
-            for _node, conn in participants:
+            # The node whose statements failed is in ``taken`` but not yet a participant; left
+            # in its aborted transaction it went back to the pool and failed the next user (25P02).
+            failed = [conn for _pool, conn in taken if all(conn is not c for _n, c in participants)]
+            for conn in [*(c for _n, c in participants), *failed]:
                 if conn.usable and conn.tx_status != b"I":
                     try:
                         await conn.simple_query("ROLLBACK")
