@@ -153,6 +153,12 @@ class PlanCache:
                 plan = plan_statement(stmts[0].stmt, norm.shape, model, search_path, model.aggregate_names)
             except PgError:
                 plan = None  # the literal text gets the exact error from the normal path
+            if plan is not None and plan.multi_error is not None:
+                # The split matches expressions structurally: with every constant a different $n,
+                # ``SELECT user_id % 7 ... GROUP BY user_id % 7`` no longer finds its GROUP BY
+                # item and the shape plan refuses (0A000) what the literal plan runs. Plan such
+                # statements by their text.
+                plan = None
         self._plans[key] = plan
         if len(self._plans) > self.size:
             self._plans.popitem(last=False)
