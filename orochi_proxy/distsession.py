@@ -38,13 +38,14 @@ _MISSING = object()
 class DistStatement:
     """A client's prepared statement that mentions catalog tables (answered by the proxy)."""
 
-    __slots__ = ("action", "param_oids", "client_oids", "fields")
+    __slots__ = ("action", "param_oids", "client_oids", "fields", "version")
 
     def __init__(self, action: Distributed, client_oids: list[int]) -> None:
         self.action = action
         self.client_oids = client_oids
         self.param_oids: list[int] | None = None  # as the metadata node inferred them
         self.fields: list[pg.Field] | None = None  # result columns; None: no rows (NoData)
+        self.version: int | None = None  # catalog version ``fields`` were described at
 
     def describe_statement(self) -> bytes:
         out = pg.parameter_description(self.param_oids or [])
@@ -305,6 +306,7 @@ class DistributedRunner:
         if cached is None:
             return False
         ds.param_oids, ds.fields = cached
+        ds.version = self.server.catalog.model.version
         return True
 
     async def describe(self, sql: str, client_oids: list[int]) -> tuple[list[int], list[pg.Field] | None]:
@@ -352,6 +354,7 @@ class DistributedRunner:
     async def parse_task(self, ds: DistStatement, name: str) -> tuple[bytes, bool]:
         """First Parse of a distributed statement in this session: describe it on the shell."""
         try:
+            ds.version = self.server.catalog.model.version
             ds.param_oids, ds.fields = await self.describe(ds.action.sql, ds.client_oids)
         except PgError:
             if self.session.dist_statements.get(name) is ds:
@@ -374,6 +377,7 @@ class DistributedRunner:
             lines = await explain(self, dp.statement.action, ctx)
             dp.done = True
             return plan_rows(lines, simple=False), False
+        await self._check_result_shape(dp.statement)
         plan = await self.plan(dp.statement.action)
         if plan is None:
             tag = await self.run_other(dp.statement.action)
@@ -396,6 +400,28 @@ class DistributedRunner:
         await self._execute(plan, ctx)
         dp.done = True
         return b"", False
+
+    async def _check_result_shape(self, ds: DistStatement) -> None:
+        """After DDL, refuse a prepared statement whose result columns changed, as PostgreSQL does.
+
+        The proxy answers Bind itself, so PostgreSQL's own check never runs; the re-planned
+        statement would send rows of the new shape under the RowDescription the client already
+        holds (``SELECT *`` after ADD COLUMN), which clients misread.
+        """
+        version = self.server.catalog.model.version
+        if ds.version is None or ds.version == version:
+            return
+        _, fields = await self.describe(ds.action.sql, ds.client_oids)
+
+        def shape(fs: list[pg.Field] | None) -> list[tuple[str, int, int]] | None:
+            return None if fs is None else [(f.name, f.type_oid, f.type_mod) for f in fs]
+
+        if shape(fields) != shape(ds.fields):
+            message = "cached plan must not change result type"
+            # PostgreSQL's routine name: asyncpg recognises it and re-prepares its cached statement.
+            fields_ = {"S": "ERROR", "V": "ERROR", "C": "0A000", "M": message, "R": "RevalidateCachedQuery"}
+            raise PgError("0A000", message, fields=fields_)
+        ds.version = version
 
     async def _execute(self, plan: Plan, ctx: distributed.ExecContext) -> None:
         if plan.kind == "insert_select":
