@@ -1015,3 +1015,43 @@ def test_binary_parameters_route_every_key_type(env: Env, pg_type: str) -> None:
             assert cur.fetchall() == [(i,)], k
         cur.execute(f"SELECT count(*) FROM {t} WHERE k = ANY(%b)", (keys[1::2],))
         assert cur.fetchall() == [(len(keys[1::2]),)]
+
+
+def test_prepared_statement_after_ddl_behaves_like_postgresql(env: Env) -> None:
+    """A prepared ``SELECT *`` whose columns changed by DDL fails with 0A000 as in PostgreSQL
+    (asyncpg then re-prepares by itself); it never sends rows of the new shape under the old
+    RowDescription. Statements whose columns did not change keep working."""
+    t = "feat_shape"
+    env.proxy.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v int)")
+    env.q(f"SELECT create_distributed_table('{t}', 'id', shard_count => 4)")
+    env.proxy.execute(f"INSERT INTO {t} VALUES (1, 10), (2, 20)")
+    p = env.proxy_obj
+
+    async def run() -> None:
+        conn = await asyncpg.connect(host=p.host, port=p.port, user=p.user, password=p.password, database=p.dbname)
+        try:
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t} WHERE id = $1", 1)] == [(1, 10)]
+            env.proxy.execute(f"ALTER TABLE {t} ADD COLUMN w text DEFAULT 'new'")
+            # asyncpg's statement cache: InvalidCachedStatementError is handled by re-preparing.
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t} WHERE id = $1", 1)] == [(1, 10, "new")]
+        finally:
+            await conn.close()
+
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        star = f"SELECT * FROM {t} WHERE id = %s"
+        cols = f"SELECT id, v FROM {t} WHERE id = %s"
+        for sql in (star, cols):
+            conn.execute(sql, (2,), prepare=True)
+        asyncio.run(asyncio.wait_for(run(), 30))  # adds column w
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="cached plan must not change result type"):
+            conn.execute(star, (2,), prepare=True)
+        assert conn.execute(cols, (2,), prepare=True).fetchall() == [(2, 20)]
+        assert conn.execute(star, (2,), prepare=False).fetchall() == [(2, 20, "new")]  # unnamed: fresh
+        multi = f"SELECT * FROM {t} WHERE id > %s ORDER BY id"
+        assert conn.execute(multi, (0,), prepare=True).fetchall() == [(1, 10, "new"), (2, 20, "new")]
+        env.proxy.execute(f"ALTER TABLE {t} DROP COLUMN v")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute(multi, (0,), prepare=True)
+        # The DDL on this very connection makes psycopg drop its prepared statements.
+        conn.execute(f"ALTER TABLE {t} ADD COLUMN z int")
+        assert conn.execute(multi, (0,), prepare=True).fetchall() == [(1, "new", None), (2, "new", None)]
