@@ -67,6 +67,20 @@ def normalize(sql: str) -> Normalized | None:
     out: list[str] = []
     kinds: list[str] = []
     literals: list[Literal] = []
+    seen: dict[str, int] = {}
+
+    def number(text: str, value: str | None, kind: str) -> int:
+        # The same literal text gets the same $n: the planner matches expressions structurally
+        # (GROUP BY/DISTINCT ON/ORDER BY items against the select list), and ``user_id % 7``
+        # written twice must stay one expression in the shape. Equal texts in one statement are
+        # equal in every statement of that shape, so the match holds for all of them.
+        k = seen.get(text)
+        if k is None:
+            literals.append(Literal(text, value))
+            kinds.append(kind)
+            k = seen[text] = len(literals)
+        return k
+
     pos = 0
     prev_name = ""
     i = 0
@@ -87,9 +101,7 @@ def normalize(sql: str) -> Normalized | None:
             num = tokens[i + 1]
             text = sql[start : num.end + 1]
             out.append(sql[pos:start])
-            literals.append(Literal(text, text))
-            kinds.append(_kind(num.name, text))
-            out.append(f"${len(literals)}")
+            out.append(f"${number(text, text, _kind(num.name, text))}")
             pos = num.end + 1
             prev_name = num.name
             i += 2
@@ -98,9 +110,7 @@ def normalize(sql: str) -> Normalized | None:
             text = sql[start : tok.end + 1]
             out.append(sql[pos:start])
             value = text if name in ("ICONST", "FCONST") else (_string_value(text) if name == "SCONST" else None)
-            literals.append(Literal(text, value))
-            kinds.append(_kind(name, text))
-            out.append(f"${len(literals)}")
+            out.append(f"${number(text, value, _kind(name, text))}")
             pos = tok.end + 1
         prev_name = name
         i += 1
