@@ -65,6 +65,7 @@ COLUMNS = (
     ("o", "boolean"),
 )
 FLOAT_OIDS = {700, 701}
+NUMERIC_OID = 1700
 
 # A bounded default keeps the file under a minute; raise it for a deeper hunt.
 SETTINGS = settings(
@@ -157,10 +158,14 @@ class Harness:
             self._arg_types[expr_sql] = self.type_info(r.oids[0])[0]
         return self._arg_types[expr_sql]
 
-    def split_types(self, stmt: Any) -> dict[int, str]:
-        """``arg_types`` for :func:`combine.split_select`: each variance call's argument type."""
+    def split_types(self, stmt: Any, *, like_planner: bool = False) -> dict[int, str]:
+        """``arg_types`` for :func:`combine.split_select`: each variance call's argument type.
+
+        ``like_planner``: what ``rewriter.planner`` passes, which knows no column types:
+        "numeric" for every call (the worker must then let PostgreSQL pick the partials' type).
+        """
         return {
-            id(fc): self.arg_type(combine.deparse(fc.args[0]))
+            id(fc): "numeric" if like_planner else self.arg_type(combine.deparse(fc.args[0]))
             for fc in combine.needs_arg_types(stmt, self.aggregate_names)
         }
 
@@ -375,6 +380,9 @@ class Query:
     ordered: bool  # the ORDER BY is total: compare row order too
     outputs: list[Expr]  # None entries for * (plain queries)
     subset_only: bool = False  # LIMIT without a total order: only count and membership
+    # SELECT DISTINCT keeps one of several equal rows, and numeric equality ignores the scale
+    # (0 = 0.000): which text survives depends on row order, so numerics compare by value.
+    distinct: bool = False
 
 
 @st.composite
@@ -384,7 +392,7 @@ def aggregate_queries(draw: st.DrawFn) -> Query:
     outputs: list[tuple[str, Expr]] = []  # (select item, expr)
     for key in keys:
         shape = draw(st.integers(0, 5))
-        if shape == 0:
+        if shape == 0 and key.sql != "f":  # f: -0 and 0 group together but print differently
             # An expression over a group key: the key subtree becomes its worker column.
             outputs.append((f"({key.sql})::text || '!'", Expr(f"({key.sql})::text || '!'", "text")))
         elif shape > 1:
@@ -392,8 +400,10 @@ def aggregate_queries(draw: st.DrawFn) -> Query:
     for _ in range(draw(st.integers(1 if not outputs else 0, 3))):
         e = draw(aggregate_exprs())
         outputs.append((e.sql, e))
-    if draw(st.integers(0, 9)) == 0:
-        outputs.append(("'lit'", Expr("'lit'", "text")))
+    if draw(st.integers(0, 6)) == 0:
+        # Constant outputs: ORDER BY their position must not become ORDER BY <constant>.
+        const = draw(st.sampled_from([Expr("'lit'", "text"), Expr("7", "num")]))
+        outputs.append((const.sql, const))
     outputs = draw(st.permutations(outputs))
     aliased = [draw(st.booleans()) for _ in outputs]
     items = [f"{sql} AS c{j}" if aliased[j] else sql for j, (sql, _) in enumerate(outputs)]
@@ -460,7 +470,7 @@ def aggregate_queries(draw: st.DrawFn) -> Query:
             sql += f" LIMIT {draw(st.sampled_from(['0', '1', '2', '5', 'ALL']))}"
         if draw(st.integers(0, 3)) == 0:
             sql += f" OFFSET {draw(st.integers(0, 3))}"
-    return Query(sql, ordered, [e for _, e in outputs])
+    return Query(sql, ordered, [e for _, e in outputs], distinct=bool(distinct))
 
 
 PLAIN_OUTPUTS = [
@@ -525,7 +535,7 @@ def plain_queries(draw: st.DrawFn) -> Query:
     if draw(st.integers(0, 2)) == 0:
         sql += f" OFFSET {draw(st.integers(0, 4))}"
         limited = True
-    return Query(sql, ordered, outputs, subset_only=limited and not ordered)
+    return Query(sql, ordered, outputs, subset_only=limited and not ordered, distinct=mode == "distinct")
 
 
 # ------------------------------------------------------------------------------- comparison
@@ -536,15 +546,31 @@ def _float_close(a: float, b: float, tol: str, data: Data) -> bool:
 
 
 def _row_key(row: tuple[bytes | None, ...], oids: list[int]) -> tuple[Any, ...]:
-    """Sort key for multiset comparison: floats by value (so -0 and 0 and near-equal sums pair up)."""
-    return tuple(
-        (0, 0.0, b"") if v is None else (1, float(v), b"") if oid in FLOAT_OIDS else (2, 0.0, v)
-        for v, oid in zip(row, oids, strict=True)
+    """Sort key for multiset comparison: numbers by value (so -0 and 0, 0 and 0.000, and
+    near-equal float sums pair up), then the exact texts."""
+
+    def key(v: bytes | None, oid: int) -> tuple[int, Any, bytes]:
+        if v is None:
+            return (0, 0, b"")
+        if oid in FLOAT_OIDS:
+            return (1, float(v), b"")
+        if oid == NUMERIC_OID:
+            return (1, Decimal(v.decode()), b"")
+        return (2, 0, v)
+
+    return (
+        tuple(key(v, oid) for v, oid in zip(row, oids, strict=True)),
+        tuple(b"" if v is None else v for v in row),
     )
 
 
 def _rows_match(
-    got: tuple[bytes | None, ...], want: tuple[bytes | None, ...], oids: list[int], tols: list[str], data: Data
+    got: tuple[bytes | None, ...],
+    want: tuple[bytes | None, ...],
+    oids: list[int],
+    tols: list[str],
+    data: Data,
+    numeric_by_value: bool = False,
 ) -> bool:
     for g, w, oid, tol in zip(got, want, oids, tols, strict=True):
         if g is None or w is None:
@@ -553,18 +579,21 @@ def _rows_match(
         elif oid in FLOAT_OIDS:
             if not _float_close(float(g), float(w), tol, data):
                 return False
+        elif numeric_by_value and oid == NUMERIC_OID:
+            if Decimal(g.decode()) != Decimal(w.decode()):
+                return False
         elif g != w:
             return False
     return True
 
 
-def check_query(h: Harness, data: Data, q: Query) -> None:
+def check_query(h: Harness, data: Data, q: Query, *, like_planner: bool = False) -> None:
     """The split's answer over the shards equals the query's answer on ``t_all``."""
     _note(f"query: {q.sql}")
     want = h.run(q.sql.replace(TABLE, "t_all"))
     stmt = parse_sql(q.sql)[0].stmt
     try:
-        split = combine.split_select(stmt, h.aggregate_names, h.split_types(stmt))
+        split = combine.split_select(stmt, h.aggregate_names, h.split_types(stmt, like_planner=like_planner))
     except PgError as exc:
         if exc.sqlstate == "0A000":
             _note(f"refused: {exc.message}")
@@ -586,7 +615,7 @@ def check_query(h: Harness, data: Data, q: Query) -> None:
         assert len(got.rows) == len(want.rows)
         pool = sorted(full.rows, key=lambda r: _row_key(r, want.oids))
         for row in got.rows:
-            match = next((r for r in pool if _rows_match(row, r, want.oids, tols, data)), None)
+            match = next((r for r in pool if _rows_match(row, r, want.oids, tols, data, q.distinct)), None)
             assert match is not None, f"row {row} is not in the full answer"
             pool.remove(match)
         return
@@ -596,7 +625,7 @@ def check_query(h: Harness, data: Data, q: Query) -> None:
         want_rows = sorted(want_rows, key=lambda r: _row_key(r, want.oids))
     assert len(got_rows) == len(want_rows), f"{len(got_rows)} rows, PostgreSQL {len(want_rows)}"
     for g, w in zip(got_rows, want_rows, strict=True):
-        assert _rows_match(g, w, want.oids, tols, data), f"row {g} != PostgreSQL {w}"
+        assert _rows_match(g, w, want.oids, tols, data, q.distinct), f"row {g} != PostgreSQL {w}"
 
 
 def _without_limit(sql: str) -> str:
@@ -608,11 +637,17 @@ def _without_limit(sql: str) -> str:
 
 # ------------------------------------------------------------------------------- properties
 @SETTINGS
-@given(data=datasets(), queries=st.lists(aggregate_queries(), min_size=1, max_size=4))
-def test_aggregate_split_matches_postgres(harness: Harness, data: Data, queries: list[Query]) -> None:
+@given(
+    data=datasets(),
+    queries=st.lists(aggregate_queries(), min_size=1, max_size=4),
+    like_planner=st.booleans(),
+)
+def test_aggregate_split_matches_postgres(
+    harness: Harness, data: Data, queries: list[Query], like_planner: bool
+) -> None:
     harness.load(data)
     for q in queries:
-        check_query(harness, data, q)
+        check_query(harness, data, q, like_planner=like_planner)
 
 
 @SETTINGS
@@ -705,3 +740,28 @@ def test_group_by_alias_shadowing_a_column(harness: Harness) -> None:
     rows = [(i, None, None, None, "a", None) for i in (1, 4, 7, 2)]
     data = _load_fixed(harness, rows)
     check_query(harness, data, Query(f"SELECT i % 3 AS i, count(*) FROM {TABLE} AS t GROUP BY i ORDER BY 1, 2", True, []))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: avg(real) partials are sum(x) per shard, which PostgreSQL accumulates in real "
+    "(float4) precision, while its own avg(real) accumulates in float8; the split cannot tell "
+    "real from other argument types (the planner knows no column types)",
+)
+def test_avg_of_real_keeps_float8_precision(harness: Harness) -> None:
+    """3000 real values: PostgreSQL's avg is float8-accurate; float4 partial sums lose ~1e-7."""
+    conn = harness.conn
+    tables = ["r_all", "r_0", "r_1", "r_2"]
+    for t in tables:
+        conn.execute(f"DROP TABLE IF EXISTS {t}")
+        conn.execute(f"CREATE TABLE {t} (x real)")
+    values = [(j * 7919 % 100_000) / 97.0 for j in range(3000)]
+    for table, part in [("r_all", values)] + [(f"r_{i}", values[i::3]) for i in range(3)]:
+        conn.execute(f"INSERT INTO {table} SELECT unnest(%s::float8[])", (part,))
+    sql = f"SELECT avg(x) FROM {TABLE} AS t"
+    want = harness.run(sql.replace(TABLE, "r_all"))
+    split = combine.split_select(parse_sql(sql)[0].stmt, harness.aggregate_names)
+    worker_sql = combine.deparse(split.worker)
+    got = harness.distributed(split, 3, lambda i: worker_sql.replace(TABLE, f"r_{i}"))
+    assert got.oids == want.oids
+    assert math.isclose(float(got.rows[0][0]), float(want.rows[0][0]), rel_tol=1e-12)
