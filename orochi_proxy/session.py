@@ -746,7 +746,7 @@ class Session:
         if not sql.strip():
             return pg.EMPTY_QUERY_RESPONSE + pg.ready_for_query(self.tx_status), False
         try:
-            actions = self.router.analyze(sql)
+            actions = _merge_passthrough(self.router.analyze(sql))
         except PgError as exc:
             return exc.to_message() + pg.ready_for_query(self.tx_status), False
         for action in actions:
@@ -818,6 +818,26 @@ class Session:
                 self.tx_status = p[:1]
                 self._unsynced = False
         return msgs
+
+
+def _merge_passthrough(
+    actions: list[Passthrough | AdminCall | Distributed],
+) -> list[Passthrough | AdminCall | Distributed]:
+    """Join consecutive statements for the node into one Query.
+
+    PostgreSQL runs the statements of one Query as a single implicit transaction: when one
+    fails, those before it roll back. Sent one Query per statement, they committed one by one
+    (``INSERT ...; SELECT 1/0`` kept the row whenever the text mentioned an intercepted name).
+    The newline before the separator ends a trailing ``--`` comment.
+    """
+    out: list[Passthrough | AdminCall | Distributed] = []
+    for action in actions:
+        prev = out[-1] if out else None
+        if isinstance(action, Passthrough) and isinstance(prev, Passthrough):
+            out[-1] = Passthrough(f"{prev.sql}\n;\n{action.sql}")
+        else:
+            out.append(action)
+    return out
 
 
 def _sqlstate_of(error_message: bytes) -> str:
