@@ -251,6 +251,48 @@ def test_psycopg_simple_and_parameters(proxy: ProxyProcess) -> None:
         assert conn.execute("SELECT %s::int", (7,)).fetchone() == (7,)
 
 
+def test_multi_statement_query_is_one_implicit_transaction(proxy: ProxyProcess) -> None:
+    """PostgreSQL runs a Query's statements in one implicit transaction; an error undoes all.
+
+    The texts mention ``citus_nodes``, so the proxy parses and runs them itself; it must still
+    keep that atomicity, also with comments at statement ends.
+    """
+    t = unique("implicit")
+    with dropping(proxy, t), pconnect(proxy) as conn:
+        conn.execute(f"CREATE TABLE {t} (a int)")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute(
+                f"INSERT INTO {t} VALUES (1) -- one\n; "
+                "SELECT count(*) FROM pg_class WHERE relname = 'citus_nodes' -- two\n; "
+                f"INSERT INTO {t} VALUES (2); SELECT 1/0"
+            )
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        with pytest.raises(psycopg.errors.UndefinedColumn):
+            conn.execute(f"INSERT INTO {t} VALUES (3); SELECT nope FROM citus_nodes")
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        cur = conn.execute(f"INSERT INTO {t} VALUES (4); SELECT count(*) FROM citus_nodes -- end")
+        assert cur.statusmessage == "INSERT 0 1"
+        assert cur.nextset() and cur.fetchone()[0] >= 0
+        assert conn.execute(f"SELECT array_agg(a) FROM {t}").fetchone() == ([4],)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="admin functions run outside the client's transaction: a Query mixing plain "
+    "statements and an admin call is split at the admin call, so an error there cannot "
+    "roll back the statements before it (needs admin calls inside the node's transaction)",
+)
+def test_admin_error_rolls_back_the_implicit_transaction(proxy: ProxyProcess) -> None:
+    t = unique("implicit_admin")
+    with dropping(proxy, t), pconnect(proxy) as conn:
+        conn.execute(f"CREATE TABLE {t} (a int)")
+        with pytest.raises(psycopg.Error):
+            conn.execute(
+                f"INSERT INTO {t} VALUES (1); SELECT citus_remove_node('clients-no-such-host', 1)"
+            )
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+
+
 def test_psycopg_binary_roundtrip(proxy: ProxyProcess) -> None:
     t = unique("bin")
     values = (
