@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 
 from pglast import ast
-from pglast.enums import SetOperation
+from pglast.enums import LimitOption, SetOperation
 from pglast.stream import RawStream
 
 from rewriter.errors import PgError
@@ -135,6 +135,7 @@ class SelectSplit:
     aggs: list[AggSlot] = field(default_factory=list)
     star_outputs: bool = False  # targets contain *: output count comes from the described worker
     n_extra: int = 0  # worker columns after the outputs (sort keys) in star mode
+    with_ties: bool = False  # FETCH FIRST n ROWS WITH TIES: the combine query keeps the ties
 
     def combine_sql(self, partial_types: list[str], n_worker_cols: int, n_params: int) -> str:
         """The combine query text once the worker's column types are known.
@@ -173,6 +174,12 @@ class SelectSplit:
             parts.append("HAVING " + text(self.combine_having))
         if self.combine_sort:
             parts.append("ORDER BY " + ", ".join(_sortby_text(s, text) for s in self.combine_sort))
+        if self.with_ties and self.combine_limit is not None:
+            # A plain LIMIT here dropped the rows tied with the last one (the workers kept them).
+            if self.combine_offset is not None:
+                parts.append("OFFSET (" + text(self.combine_offset) + ") ROWS")
+            parts.append("FETCH FIRST (" + text(self.combine_limit) + ") ROWS WITH TIES")
+            return " ".join(parts)
         if self.combine_limit is not None:
             parts.append("LIMIT " + text(self.combine_limit))
         if self.combine_offset is not None:
@@ -447,6 +454,7 @@ class _Splitter:
             combine_limit=s.limitCount,
             combine_offset=s.limitOffset,
             aggs=self.aggs,
+            with_ties=s.limitOption == LimitOption.LIMIT_OPTION_WITH_TIES,
         )
 
     def _combine_sortby(self, sb: ast.SortBy) -> ast.SortBy:
@@ -543,6 +551,7 @@ class _Splitter:
             combine_offset=s.limitOffset,
             star_outputs=True,
             n_extra=len(extra),
+            with_ties=s.limitOption == LimitOption.LIMIT_OPTION_WITH_TIES,
         )
         return split
 
