@@ -835,6 +835,26 @@ def test_fan_out_writes(env: Env) -> None:
     assert_no_prepared(env)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: ON CONFLICT ON CONSTRAINT <name> is sent to the shards unchanged, but a shard's "
+    "constraint is <name>_<shardid> (42704 naming the shard); the planner should rename it per "
+    "shard like the table (rewriter/planner.py _plan_insert / Plan.sql_for_shard, being edited)",
+)
+def test_on_conflict_on_constraint(env: Env) -> None:
+    """``ON CONFLICT ON CONSTRAINT pkey`` (SQLAlchemy's ``constraint=``) works across shards."""
+    t = "feat_w_con"
+    env.proxy.execute(f"CREATE TABLE {t} (id int CONSTRAINT feat_w_con_pk PRIMARY KEY, v int)")
+    env.q(f"SELECT create_distributed_table('{t}', 'id', shard_count => 4)")
+    env.proxy.execute(f"INSERT INTO {t} VALUES (1, 1), (2, 2)")
+    status, ret = env.tag(
+        f"INSERT INTO {t} VALUES (1, 10), (3, 30), (2, 20) ON CONFLICT ON CONSTRAINT feat_w_con_pk "
+        "DO UPDATE SET v = EXCLUDED.v + 1 RETURNING id, v"
+    )
+    assert status == "INSERT 0 3"
+    assert ret == [(1, 11), (3, 30), (2, 21)]
+
+
 IMPLICIT_TX_REASON = (
     "design: a distributed write commits at once, but PostgreSQL keeps every statement up to "
     "Sync (a multi-statement Query, a pipeline, psycopg's executemany) in one implicit "
