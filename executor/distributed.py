@@ -89,7 +89,7 @@ class UnknownValue(Exception):
 
 def _q(ctx: ExecContext, sql: str, shift: int = 0) -> str:
     """The SQL to send: literal texts substituted back for a shape-planned statement."""
-    if ctx.literals is None:
+    if getattr(ctx, "literals", None) is None:
         return sql
     from rewriter.literals import substitute
 
@@ -97,8 +97,9 @@ def _q(ctx: ExecContext, sql: str, shift: int = 0) -> str:
 
 
 def _param_text(ctx: ExecContext, number: int) -> str | None:
-    if ctx.literals is not None:
-        lit = ctx.literals[number - 1]
+    literals = getattr(ctx, "literals", None)
+    if literals is not None:
+        lit = literals[number - 1]
         if lit.value is None:
             raise UnknownValue(lit.text)
         return lit.value
@@ -297,7 +298,7 @@ def resolve_shards(plan: Plan, ctx: ExecContext) -> list[int]:
                 elif v.kind == "param":
                     texts = [_param_text(ctx, v.number)]
                 else:
-                    texts = _array_texts(ctx, v.number) if ctx.literals is None else None
+                    texts = _array_texts(ctx, v.number) if getattr(ctx, "literals", None) is None else None
             except UnknownValue:
                 texts = None
             if texts is None:

@@ -155,6 +155,10 @@ class PlanCache:
             except PgError:
                 plan = None  # the literal text gets the exact error from the normal path
             if plan is not None and plan.multi_error is not None:
+                # Constants turned into distinct $n can stop expressions from matching (GROUP BY
+                # x % 7 vs x % 7 in the select list): plan the literal text instead.
+                plan = None
+            if plan is not None and plan.multi_error is not None:
                 # The split matches expressions structurally: with every constant a different $n,
                 # ``SELECT user_id % 7 ... GROUP BY user_id % 7`` no longer finds its GROUP BY
                 # item and the shape plan refuses (0A000) what the literal plan runs. Plan such

@@ -274,6 +274,7 @@ class _Splitter:
         self.worker_group: list[ast.Node] = []
         self.aggs: list[AggSlot] = []
         self.group_exprs: list[tuple[ast.Node, int]] = []  # (expr, worker column)
+        self.input_columns: frozenset[str] | None = None
         self.distinct_args: list[tuple[ast.Node, int]] = []
 
     def is_agg(self, n) -> bool:
@@ -401,9 +402,11 @@ class _Splitter:
         return g
 
     def _is_input_column(self, name: str) -> bool:
-        # PostgreSQL prefers an input column over an output alias in GROUP BY; we cannot see the
-        # table's columns here, so an alias that is also a column name keeps the column meaning
-        # only when some target spells it as a plain column.
+        # PostgreSQL prefers an input column over an output alias in GROUP BY. With the tables'
+        # columns known, that is exact; otherwise an alias that is also a column name keeps the
+        # column meaning only when some target spells it as a plain column.
+        if self.input_columns is not None:
+            return name in self.input_columns
         return any(
             isinstance(t.val, ast.ColumnRef) and t.val.fields[-1].sval == name
             for t in self.stmt.targetList or ()
@@ -616,12 +619,16 @@ def needs_arg_types(stmt: ast.SelectStmt, aggregate_names: frozenset[str]) -> li
 
 
 def split_select(
-    stmt: ast.SelectStmt, aggregate_names: frozenset[str], arg_types: dict[int, str] | None = None
+    stmt: ast.SelectStmt,
+    aggregate_names: frozenset[str],
+    arg_types: dict[int, str] | None = None,
+    input_columns: frozenset[str] | None = None,
 ) -> SelectSplit:
     """Split a top-level SELECT (already checked to be co-located) for multi-shard execution.
 
     ``arg_types`` maps ``id(FuncCall)`` of the calls returned by :func:`needs_arg_types` to their
-    argument's SQL type name.
+    argument's SQL type name. ``input_columns`` are the column names of the tables in FROM (when
+    known): ``GROUP BY name`` means such a column even if an output column has that name.
     """
     if stmt.op != SetOperation.SETOP_NONE:
         raise unsupported("UNION/INTERSECT/EXCEPT over distributed tables")
@@ -632,6 +639,7 @@ def split_select(
     if stmt.valuesLists:
         raise unsupported("VALUES")
     sp = _Splitter(stmt, aggregate_names, arg_types)
+    sp.input_columns = input_columns
     has_window = any(
         contains(t, lambda n: isinstance(n, ast.FuncCall) and n.over is not None) for t in stmt.targetList or ()
     ) or bool(stmt.windowClause)

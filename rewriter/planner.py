@@ -193,10 +193,34 @@ def _routing(stmt: ast.Node, scan: RelationScan) -> tuple[list[list[PinValue]] |
             what = "UNION/INTERSECT/EXCEPT over distributed tables"
         else:
             what = f"a subquery or CTE over distributed table {nested[0].table.name}"
-        err = combine.unsupported(what, "Run it in parts, or filter every distributed table on the distribution column with the same value.")
+        err = combine.unsupported(what, "Run it in parts (select the subquery's result first), or filter every distributed table on its distribution column.")
+        # Pins found at the top level say nothing about a subquery's own rows: each nested
+        # distributed table must be pinned within its own query level. All pins are then united
+        # (as for non-co-located joins): one shard in total runs as a router query, more raise
+        # ``err`` at execution.
+        values: list[PinValue] = []
+        scopes: dict[int, ast.Node] = {}
+        for o in nested:
+            scopes.setdefault(id(o.scope), o.scope)  # type: ignore[arg-type]
+        for scope in scopes.values():
+            s_from, s_where = _from_and_where(scope)
+            s_pinning = analyze_scope(scan.occurrences, s_from, s_where, scope)
+            for o in nested:
+                if o.scope is scope:
+                    groups = s_pinning.value_sets([o])
+                    if groups is None:
+                        raise err
+                    for g in groups:
+                        values.extend(g)
         if not top:
-            raise err
-        multi_error = err
+            return [values], err
+        for o in top:
+            groups = pinning.value_sets([o])
+            if groups is None:
+                raise err
+            for g in groups:
+                values.extend(g)
+        return [values], err
     if len(top) > 1 and not pinning.connected(top):
         err = combine.unsupported(
             "a join of distributed tables that is not on their distribution columns",
@@ -249,7 +273,10 @@ def _plan_select(stmt: ast.SelectStmt, sql: str, scan: RelationScan, aggregate_n
     if multi_error is None:
         try:
             arg_calls = combine.needs_arg_types(stmt, aggregate_names)
-            plan.split = combine.split_select(stmt, aggregate_names, {id(c): "numeric" for c in arg_calls} if arg_calls else None)
+            input_columns = frozenset(c for o in scan.occurrences for c in o.table.columns)
+            plan.split = combine.split_select(
+                stmt, aggregate_names, {id(c): "numeric" for c in arg_calls} if arg_calls else None, input_columns
+            )
             plan.worker_template = _deparse(plan.split.worker)
         except PgError as exc:
             if exc.sqlstate != "0A000":
@@ -356,7 +383,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
             else:
                 from rewriter.pruning import _const_value
 
-                key = _const_value(v)
+                key = _const_value(v, table.dist_type)
                 if key is None:
                     raise combine.unsupported(
                         f"an expression as the value of distribution column {table.dist_column}",

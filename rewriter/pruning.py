@@ -157,8 +157,11 @@ def _const_value(node: ast.Node, dist_type: str | None = None) -> PinValue | Non
 class ScopeAnalyzer:
     """Analyse the top-level scope given its FROM items and WHERE clause."""
 
-    def __init__(self, occurrences: list[Occurrence]) -> None:
-        self.occ = [o for o in occurrences if o.top_level and not o.is_reference]
+    def __init__(self, occurrences: list[Occurrence], scope: ast.Node | None = None) -> None:
+        if scope is None:
+            self.occ = [o for o in occurrences if o.top_level and not o.is_reference]
+        else:
+            self.occ = [o for o in occurrences if o.scope is scope and not o.is_reference]
         self.by_alias: dict[str, list[Occurrence]] = {}
         for o in self.occ:
             self.by_alias.setdefault(o.alias, []).append(o)
@@ -287,9 +290,10 @@ class ScopeAnalyzer:
 
 
 def analyze_scope(
-    occurrences: list[Occurrence], from_items: list[ast.Node], where: ast.Node | None
+    occurrences: list[Occurrence], from_items: list[ast.Node], where: ast.Node | None, scope: ast.Node | None = None
 ) -> Pinning:
-    a = ScopeAnalyzer(occurrences)
+    """Pins and co-location of the occurrences of one query level (the top level by default)."""
+    a = ScopeAnalyzer(occurrences, scope)
     for item in from_items:
         a.add_join_tree(item)
     for c in conjuncts(where):

@@ -22,6 +22,7 @@ class Occurrence:
     alias: str  # what column references use: the alias, else the table name
     top_level: bool
     index: int = 0  # position in the statement's list of occurrences (placeholder number)
+    scope: ast.Node | None = None  # the innermost statement (query level) the mention belongs to
 
     @property
     def is_reference(self) -> bool:
@@ -57,22 +58,24 @@ def scan_relations(stmt: ast.Node, model: ClusterModel, search_path: tuple[str, 
     cte_names = {n.ctename for n in _walk(stmt) if isinstance(n, ast.CommonTableExpr)}
     result = RelationScan()
 
-    def visit(node: object, nested: bool) -> None:
+    def visit(node: object, nested: bool, scope: ast.Node) -> None:
         if isinstance(node, ast.Node):
             if isinstance(node, ast.RangeVar):
-                _record(node, nested)
+                _record(node, nested, scope)
                 return
-            if isinstance(node, _STATEMENTS) and node is not stmt:
-                nested = True
+            if isinstance(node, _STATEMENTS):
+                if node is not stmt:
+                    nested = True
+                scope = node
             if isinstance(node, ast.WithClause):
                 nested = True
             for name in node:
-                visit(getattr(node, name), nested)
+                visit(getattr(node, name), nested, scope)
         elif isinstance(node, tuple | list):
             for item in node:
-                visit(item, nested)
+                visit(item, nested, scope)
 
-    def _record(node: ast.RangeVar, nested: bool) -> None:
+    def _record(node: ast.RangeVar, nested: bool, scope: ast.Node) -> None:
         if node.schemaname is None and node.relname in cte_names:
             return
         table = model.lookup(node.schemaname, node.relname, search_path)
@@ -80,10 +83,10 @@ def scan_relations(stmt: ast.Node, model: ClusterModel, search_path: tuple[str, 
             result.other_relations.append(node)
             return
         alias = node.alias.aliasname if node.alias is not None else node.relname
-        occ = Occurrence(table, node, alias, not nested, len(result.occurrences))
+        occ = Occurrence(table, node, alias, not nested, len(result.occurrences), scope)
         result.occurrences.append(occ)
 
-    visit(stmt, False)
+    visit(stmt, False, stmt)
     return result
 
 

@@ -274,12 +274,6 @@ def test_subqueries_over_distributed_tables_refused(sql: str) -> None:
     refused(sql)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rewriter/planner.py _routing: once the top-level tables are pinned, tables in "
-    "subqueries and CTEs are not checked for a pin; the statement routes to one shard and the "
-    "subquery reads only that shard of its table",
-)
 @pytest.mark.parametrize(
     "sql",
     [
@@ -420,12 +414,6 @@ def test_lossy_cast_does_not_pin(sql: str) -> None:
     assert pins(sql) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rewriter/planner.py _plan_insert calls _const_value(v) without the column type, so "
-    "the row is routed by the literal's text while PostgreSQL stores the cast value: the row "
-    "lands on the wrong shard (fix: _const_value(v, table.dist_type))",
-)
 @pytest.mark.parametrize(
     "sql",
     [
