@@ -276,6 +276,8 @@ def _mentions(stmt: ast.Node, is_catalog_table) -> bool:
                     stack.append(getattr(n, name))
         elif isinstance(n, tuple | list):
             stack.extend(n)
+    if any(is_catalog_table(None, name) for name in ctes):
+        return True  # a CTE shadowing a catalog table: the planner decides (and refuses)
     return any(
         is_catalog_table(rv.schemaname, rv.relname) for rv in found if not (rv.schemaname is None and rv.relname in ctes)
     )

@@ -102,6 +102,34 @@ def parse_one(sql: str) -> ast.Node:
     return stmts[0].stmt
 
 
+def _check_cte_shadowing(stmt: ast.Node, model: ClusterModel, search_path: tuple[str, ...]) -> None:
+    """Refuse CTEs whose name shadows a catalog table where statement-wide resolution is wrong.
+
+    Relation scanning treats a CTE name as hiding the table everywhere in the statement. That
+    is right for a CTE of the statement's own WITH that does not read the name itself; a CTE of
+    a nested WITH (visible only inside it) or one whose body reads the table it shadows would
+    hide the real table from the planner, and the statement would read the empty shell.
+    """
+    top_ctes = set()
+    with_clause = getattr(stmt, "withClause", None)
+    if with_clause is not None:
+        top_ctes = {id(c) for c in with_clause.ctes}
+    for node in combine_walk(stmt):
+        if not isinstance(node, ast.CommonTableExpr):
+            continue
+        if model.lookup(None, node.ctename, search_path) is None:
+            continue
+        reads_itself = any(
+            isinstance(n, ast.RangeVar) and n.schemaname is None and n.relname == node.ctename
+            for n in combine_walk(node.ctequery)
+        )
+        if id(node) not in top_ctes or reads_itself:
+            raise combine.unsupported(
+                f'a CTE named like the distributed table "{node.ctename}" in a nested WITH or reading that table',
+                "Rename the CTE.",
+            )
+
+
 def _apply_tokens(scan: RelationScan) -> list[TableInfo]:
     """Rename every catalog-table mention to a placeholder (keeping its alias); tables by token."""
     tables: list[TableInfo] = []
@@ -134,6 +162,7 @@ def plan_statement(
     # A private tree (placeholders are written into it): parsing the text again in C is far
     # cheaper than pglast's Python deepcopy of the tree.
     stmt = _fresh_copy(stmt, sql)
+    _check_cte_shadowing(stmt, model, search_path)
     scan = scan_relations(stmt, model, search_path)
     if not scan.occurrences:
         return None

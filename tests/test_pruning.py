@@ -371,13 +371,6 @@ def test_cte_name_of_other_table_and_search_path() -> None:
     assert p.tables == [A]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rewriter/relations.py collects CTE names of the whole statement, not per WITH scope: "
-    "a CTE named like a distributed table inside a subquery (or a non-recursive CTE reading the "
-    "table it shadows) hides the real table, the statement plans as 'no catalog table' and runs "
-    "on the metadata node's empty shell",
-)
 @pytest.mark.parametrize(
     "sql",
     [
