@@ -32,6 +32,8 @@ from rewriter.model import ClusterModel, TableInfo
 from rewriter.pruning import PinValue, analyze_scope
 from rewriter.relations import Occurrence, RelationScan, scan_relations
 
+_CONNAME = "__orochi_conname__"
+
 
 def token(i: int) -> str:
     return f"__orochi_rel_{i}__"
@@ -65,6 +67,8 @@ class Plan:
     insert_rows: list[InsertRow] = field(default_factory=list)
     multi_error: PgError | None = None  # raised if execution needs more than one shard
     insert_fill: list[str] = field(default_factory=list)  # SQL for __orochi_fill_<i>__ values
+    # ON CONFLICT ON CONSTRAINT <name>: each shard's copy of the constraint is <name>_<shardid>.
+    conflict_constraint: str | None = None
     # INSERT ... SELECT run through the proxy: the SELECT, and the target columns it feeds.
     select_sql: str | None = None
     insert_columns: tuple[str, ...] = ()
@@ -76,6 +80,12 @@ class Plan:
             idx = 0 if t.is_reference else shard_index
             shard = t.shards[idx]
             out = out.replace(token(i), _quote_ident(t.shard_name(shard)))
+        if self.conflict_constraint is not None:
+            from rewriter.ddl import shard_object_name
+
+            target = self.tables[0]
+            shard = target.shards[0 if target.is_reference else shard_index]
+            out = out.replace(_CONNAME, _quote_ident(shard_object_name(self.conflict_constraint, shard)))
         return out
 
 
@@ -359,15 +369,24 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         for t in stmt.onConflictClause.targetList:
             if t.name == table.dist_column:
                 raise PgError("0A000", f"modifying the distribution column {table.dist_column} of {table.name} is not supported")
+    conflict_constraint = None
+    infer = stmt.onConflictClause.infer if stmt.onConflictClause is not None else None
+    if infer is not None and infer.conname:
+        conflict_constraint = infer.conname
+        infer.conname = _CONNAME
     if table.is_reference:
         if scan.distributed:
             raise combine.unsupported(f"INSERT into reference table {table.name} from distributed tables")
         tables = _apply_tokens(scan)
-        return Plan("ref_modify", sql, tables, _deparse(stmt), command="INSERT", returning=returning)
+        plan = Plan("ref_modify", sql, tables, _deparse(stmt), command="INSERT", returning=returning)
+        plan.conflict_constraint = conflict_constraint
+        return plan
     select = stmt.selectStmt
     if select is None or not isinstance(select, ast.SelectStmt) or not select.valuesLists:
         try:
-            return _plan_insert_select(stmt, sql, scan, table, model, search_path)
+            plan = _plan_insert_select(stmt, sql, scan, table, model, search_path)
+            plan.conflict_constraint = conflict_constraint
+            return plan
         except PgError as exc:
             if exc.sqlstate != "0A000" or stmt.onConflictClause is not None or stmt.returningClause:
                 raise
@@ -437,6 +456,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
     plan.insert_prefix = text[:i] + "VALUES "
     plan.insert_suffix = text[i + len(marker):]
     plan.insert_rows = rows
+    plan.conflict_constraint = conflict_constraint
     plan.insert_fill = fill_exprs
     return plan
 

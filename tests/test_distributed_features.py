@@ -835,12 +835,6 @@ def test_fan_out_writes(env: Env) -> None:
     assert_no_prepared(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ON CONFLICT ON CONSTRAINT <name> is sent to the shards unchanged, but a shard's "
-    "constraint is <name>_<shardid> (42704 naming the shard); the planner should rename it per "
-    "shard like the table (rewriter/planner.py _plan_insert / Plan.sql_for_shard, being edited)",
-)
 def test_on_conflict_on_constraint(env: Env) -> None:
     """``ON CONFLICT ON CONSTRAINT pkey`` (SQLAlchemy's ``constraint=``) works across shards."""
     t = "feat_w_con"
