@@ -355,6 +355,18 @@ class DistributedRunner:
         self.descriptions[key] = (oids, fields)
         return oids, fields
 
+    async def describe_converted(self, converted: list[tuple[str, DistStatement]]) -> tuple[bytes, bool]:
+        """Describe statements that became distributed after they were prepared (no output)."""
+        for name, ds in converted:
+            try:
+                ds.param_oids, ds.fields = await self.describe(ds.action.sql, ds.client_oids)
+            except PgError:
+                # Keep using the node's prepared statement; the node reports what is wrong.
+                if self.session.dist_statements.get(name) is ds:
+                    del self.session.dist_statements[name]
+                    self.session.passthrough_statements[name] = (ds.action.sql, ds.client_oids)
+        return b"", False
+
     async def parse_task(self, ds: DistStatement, name: str) -> tuple[bytes, bool]:
         """First Parse of a distributed statement in this session: describe it on the shell."""
         try:

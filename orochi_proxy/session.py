@@ -154,6 +154,10 @@ class Session:
         self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
         self.copy_sink = None  # set while a proxy-run COPY FROM STDIN reads the client's data
         self._draining = False  # replaying the backlog (new messages queue behind it otherwise)
+        # Named statements prepared on the metadata node: name -> (text, declared types). When
+        # the catalog changes (a table becomes distributed), they are analysed again.
+        self.passthrough_statements: dict[str, tuple[str, list[int]]] = {}
+        self._checked_version = server.catalog.version
         self.metrics = server.metrics
         # Children resolved once: label lookup per statement is measurable on the relay path.
         self._passthrough_count = server.metrics.statements.labels("passthrough")
@@ -268,6 +272,12 @@ class Session:
         if self.copy_sink is not None and mtype in (100, 99, 102):  # d c f: data for a proxy-run COPY
             self.copy_sink.put(mtype, payload)
             return
+        if (
+            self.passthrough_statements
+            and mtype in (66, 68, 69)  # B D E: a prepared statement may have to change hands
+            and self.server.catalog.version != self._checked_version
+        ):
+            self._recheck_prepared()
         if self.blocked or (self.backlog and not self._draining):
             # Behind a blocking answer, or behind messages waiting to be replayed: keep order.
             self.backlog.append((mtype, frame))
@@ -353,8 +363,38 @@ class Session:
         self._enqueue_task(lambda: self._run_deallocate(name), extended=False)
         return True
 
+    def _recheck_prepared(self) -> None:
+        """Statements prepared before a table became distributed must now be answered by the proxy.
+
+        Left on the metadata node they would read the (empty) logical table. Each one that now
+        mentions a catalog table becomes a proxy-answered statement, described first by a
+        blocking task (later messages wait behind it).
+        """
+        self._checked_version = self.server.catalog.version
+        converted: list[tuple[str, DistStatement]] = []
+        for name, (sql, oids) in list(self.passthrough_statements.items()):
+            if not self.router.may_intercept(sql.encode()):
+                continue
+            try:
+                actions = self.router.analyze(sql)
+            except PgError:
+                continue
+            if len(actions) == 1 and isinstance(actions[0], Distributed):
+                ds = DistStatement(actions[0], oids)
+                self.dist_statements[name] = ds
+                del self.passthrough_statements[name]
+                converted.append((name, ds))
+        if converted:
+            self._enqueue_task(lambda: self.dist.describe_converted(converted), extended=True)
+
     def _on_parse(self, payload: bytes, frame: bytes) -> None:
         if not self.router.may_intercept(payload):
+            if payload[:1] != b"\x00":
+                try:
+                    msg = pg.decode_parse(payload)
+                    self.passthrough_statements[msg.name] = (msg.sql, msg.param_oids)
+                except ProtocolViolation:
+                    pass  # the node reports the malformed message
             if self.dist_statements and payload[:1] == b"\x00":
                 self.dist_statements.pop("", None)
             if self.local_statements:
@@ -489,10 +529,15 @@ class Session:
         self._enqueue_task(lambda: self._run_local_portal(lp), extended=True)
 
     def _on_close(self, payload: bytes, frame: bytes) -> None:
-        if not (self.local_statements or self.local_portals or self.dist_statements or self.dist_portals):
+        if not (
+            self.local_statements or self.local_portals or self.dist_statements or self.dist_portals
+            or self.passthrough_statements
+        ):
             self._forward(frame, K_CLOSE)
             return
         kind, name = pg.decode_target(payload, "Close")
+        if kind == "S":
+            self.passthrough_statements.pop(name, None)
         if kind == "S" and name in self.dist_statements:
             del self.dist_statements[name]
             self._local_ready(pg.CLOSE_COMPLETE)

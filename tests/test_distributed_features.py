@@ -1071,13 +1071,6 @@ def test_prepared_statement_after_ddl_behaves_like_postgresql(env: Env) -> None:
         assert conn.execute(multi, (0,), prepare=True).fetchall() == [(1, "new", None), (2, "new", None)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: a statement prepared while its table was plain stays prepared on the metadata "
-    "node (the session forwards Bind of passthrough statements untouched); after "
-    "create_distributed_table it reads the empty logical table and returns no rows. Needs the "
-    "session to re-analyse named passthrough statements when the catalog version changes",
-)
 def test_statement_prepared_before_distribution_sees_the_shards(env: Env) -> None:
     """psycopg prepares a statement after 5 runs; distributing the table must not make it wrong."""
     t = "feat_prep_before"
