@@ -114,6 +114,7 @@ class AggSlot:
     name: str
     distinct_col: int | None = None  # worker column holding the DISTINCT argument
     partial_cols: list[int] = field(default_factory=list)
+    index: int = 0  # position in SelectSplit.aggs (names the combine query's helper columns)
 
 
 @dataclass
@@ -167,7 +168,20 @@ class SelectSplit:
             else:
                 parts.append("DISTINCT")
         parts.append(", ".join(targets))
-        parts.append(f"FROM unnest({arrays}) AS w({cols})")
+        source = f"unnest({arrays}) AS w({cols})"
+        windows = []
+        partition = ", ".join(deparse(g) for g in self.combine_group)
+        over = f"OVER (PARTITION BY {partition})" if partition else "OVER ()"
+        for slot in self.aggs:
+            if slot.name in _VARIANCE and slot.distinct_col is None and partial_types[slot.partial_cols[1]] == "double precision":
+                cnt, mean = (f"w{slot.partial_cols[0]}", f"w{slot.partial_cols[3]}")
+                windows.append(
+                    f"sum({cnt} * {mean}) {over} / NULLIF(sum(CASE WHEN {mean} IS NOT NULL THEN {cnt} END) {over}, 0)"
+                    f" AS __orochi_mean_{slot.index}"
+                )
+        if windows:
+            source = f"(SELECT w.*, {', '.join(windows)} FROM {source}) AS w"
+        parts.append(f"FROM {source}")
         if self.combine_group:
             parts.append("GROUP BY " + ", ".join(text(g) for g in self.combine_group))
         if self.combine_having is not None:
@@ -239,13 +253,16 @@ def _final_expr(slot: AggSlot, types: list[str]) -> str:
             return f"sum({p[0]}) / NULLIF(sum({p[1]}), 0)::double precision"
         return f"sum({p[0]})::numeric / NULLIF(sum({p[1]}), 0)::numeric"
     if name in _VARIANCE:
-        n, s, s2 = (f"sum({x})" for x in p)
+        n, s, s2 = (f"sum({x})" for x in p[:3])
         is_float = t[1] == "double precision"
         samp = name in ("stddev", "stddev_samp", "variance", "var_samp")
         if is_float:
-            num = f"({n}::double precision * {s2} - {s} * {s})"
-            den = f"({n}::double precision * ({n}::double precision - 1))" if samp else f"({n}::double precision * {n}::double precision)"
-            var = f"CASE WHEN {num} <= 0 THEN 0::double precision ELSE {num} / {den} END"
+            # Chan et al.'s merge of per-shard (n, mean, M2): M2 = sum(M2_i) + sum(n_i (mean_i - g)^2)
+            # with g the group's overall mean (a window column of the combine query).
+            cnt, mean, m2 = p[0], p[3], p[4]
+            g = f"__orochi_mean_{slot.index}"
+            total_m2 = f"(COALESCE(sum({m2}), 0) + COALESCE(sum({cnt} * ({mean} - {g}) * ({mean} - {g})), 0))"
+            var = f"{total_m2} / ({n}::float8 - 1)" if samp else f"{total_m2} / {n}::float8"
             guard = f"{n} > 1" if samp else f"{n} > 0"
             val = f"sqrt({var})" if name.startswith("stddev") else var
             return f"CASE WHEN {guard} THEN {val} END"
@@ -305,6 +322,7 @@ class _Splitter:
                 return col(f"__orochi_agg_{j}")
         slot = AggSlot(fc, name)
         idx = len(self.aggs)
+        slot.index = idx
         self.aggs.append(slot)
         if fc.agg_distinct:
             if not fc.args or len(fc.args) != 1:
@@ -360,8 +378,22 @@ class _Splitter:
                 )
             slot.partial_cols.append(partial("count", x))
             slot.partial_cols.append(partial("sum", xx))
-            sq = ast.A_Expr(kind=0, name=(ast.String(sval="*"),), lexpr=xx, rexpr=xx)
+            # Squares in numeric: exact for integer/numeric arguments (the numeric formula), and
+            # no float underflow error for tiny floats (whose answer comes from mean/M2 below).
+            xn = cast(x, "numeric")
+            sq = ast.A_Expr(kind=0, name=(ast.String(sval="*"),), lexpr=xn, rexpr=xn)
             slot.partial_cols.append(partial("sum", sq))
+            # For float arguments the sums above cancel catastrophically (large mean, small
+            # spread): also ship each shard's mean and M2 (sum of squared deviations, from
+            # PostgreSQL's own stable var_pop), merged exactly in the combine query.
+            xf = cast(x, "float8")
+            slot.partial_cols.append(partial("avg", xf))
+            vp, cnt = func("var_pop", xf), func("count", x)
+            vp.agg_filter = filt
+            cnt.agg_filter = filt
+            slot.partial_cols.append(
+                self.add_worker(ast.A_Expr(kind=0, name=(ast.String(sval="*"),), lexpr=vp, rexpr=cnt))
+            )
         return col(f"__orochi_agg_{idx}")
 
     def to_combine(self, expr: ast.Node, *, where: str) -> ast.Node:
