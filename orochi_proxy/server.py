@@ -134,10 +134,18 @@ class ClientConnection(asyncio.Protocol):
                 buf, frames = self.reader.feed(data)
                 session = self.session
                 assert session is not None
-                for t, s, e in frames:
+                if len(frames) == 1:
+                    t, s, e = frames[0]
                     session.on_message(t, buf[s + 5 : e], buf if (s == 0 and e == len(buf)) else buf[s:e])
-                    if self.state == "closed":
-                        return
+                    return
+                session.begin_batch()
+                try:
+                    for t, s, e in frames:
+                        session.on_message(t, buf[s + 5 : e], buf[s:e])
+                        if self.state == "closed":
+                            return
+                finally:
+                    session.end_batch()
             elif self.state in ("startup", "sasl"):
                 self.buf += data
                 self._process_startup()

@@ -154,6 +154,7 @@ class Session:
         self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
         self.copy_sink = None  # set while a proxy-run COPY FROM STDIN reads the client's data
         self._draining = False  # replaying the backlog (new messages queue behind it otherwise)
+        self._wbuf: list[bytes] | None = None  # forwarded messages waiting for end_batch()
         # Named statements prepared on the metadata node: name -> (text, declared types). When
         # the catalog changes (a table becomes distributed), they are analysed again.
         self.passthrough_statements: dict[str, tuple[str, list[int]]] = {}
@@ -324,7 +325,24 @@ class Session:
         if kind is not None:
             self.pending.append(kind)
         self._unsynced = True
-        self.backend.write(frame)
+        if self._wbuf is not None:
+            self._wbuf.append(frame)
+        else:
+            self.backend.write(frame)
+
+    def begin_batch(self) -> None:
+        """Coalesce forwarded messages until :meth:`end_batch`: one send() per client read.
+
+        A pipelined Bind/Execute/Sync arrives in one read; writing each message separately
+        cost a send() (and a wake-up of the node) per message.
+        """
+        if self._wbuf is None:
+            self._wbuf = []
+
+    def end_batch(self) -> None:
+        buf, self._wbuf = self._wbuf, None
+        if buf and self.backend is not None and not self.backend.closed:
+            self.backend.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def _on_query(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
@@ -618,7 +636,8 @@ class Session:
             # task waits for their answers to reach the head of ``pending``, while the client's
             # Sync waits in the backlog behind the task. Without a Flush the node never answers
             # and the session deadlocks (admin calls and distributed statements alike).
-            self.backend.write(pg.FLUSH)
+            self._forward(pg.FLUSH, None)  # behind the batched messages, not ahead of them
+        self.end_batch()  # the task may talk to the node: everything before it goes out now
         self.pending.append(LocalAnswer(run=run, extended=extended))
         self.blocked += 1
         self._pump()
@@ -681,6 +700,7 @@ class Session:
 
     def _drain_backlog(self) -> None:
         self._draining = True
+        self.begin_batch()
         try:
             while self.backlog and not self.blocked and not self.closed:
                 mtype, frame = self.backlog.popleft()
@@ -689,6 +709,7 @@ class Session:
             self.client.fail(exc)
         finally:
             self._draining = False
+            self.end_batch()
 
     def _skip_to_sync(self) -> None:
         """Drop answers up to the next Sync (PostgreSQL skips those messages after an error)."""
