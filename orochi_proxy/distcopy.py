@@ -155,6 +155,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
     queue = CopyInQueue(session)
     session.copy_sink = queue
     session.client.write(pg.message(b"G", bytes([fcode]) + ncols.to_bytes(2, "big") + fcode.to_bytes(2, "big") * ncols))
+    session.client.uncork()  # the client sends its data only after it has CopyInResponse
 
     writers: dict[int, _NodeWriter] = {}
     buffers: dict[int, list[bytes]] = defaultdict(list)

@@ -35,6 +35,7 @@ from rewriter.intercept import Interceptor
 log = logging.getLogger(__name__)
 
 _I32 = struct.Struct("!i")
+CORK_LIMIT = 256 * 1024  # corked output is sent once it reaches this size
 
 
 class ClientConnection(asyncio.Protocol):
@@ -57,6 +58,8 @@ class ClientConnection(asyncio.Protocol):
         self._startup_timer: asyncio.TimerHandle | None = None
         self._early: list[bytes] = []
         self._paused = False
+        self._cork: list[bytes] | None = None
+        self._cork_size = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._resume_callbacks: list = []  # messages sent before start-up finished (pipelining)
 
@@ -138,6 +141,9 @@ class ClientConnection(asyncio.Protocol):
                     t, s, e = frames[0]
                     session.on_message(t, buf[s + 5 : e], buf if (s == 0 and e == len(buf)) else buf[s:e])
                     return
+                # Answers the proxy gives itself (BindComplete, ...) go out with the rest: the
+                # cork stays while a proxy-run answer is pending (its task uncorks at the end).
+                self.cork()
                 session.begin_batch()
                 try:
                     for t, s, e in frames:
@@ -146,6 +152,8 @@ class ClientConnection(asyncio.Protocol):
                             return
                 finally:
                     session.end_batch()
+                    if not session.blocked:
+                        self.uncork()
             elif self.state in ("startup", "sasl"):
                 self.buf += data
                 self._process_startup()
@@ -163,12 +171,42 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ output
     def write(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._cork.append(data)
+            self._cork_size += len(data)
+            if self._cork_size >= CORK_LIMIT:
+                self._flush_cork()
+            return
         if self.transport is not None and self.state != "closed":
             self.transport.write(data)
 
     def write_many(self, chunks: list[bytes]) -> None:
+        if self._cork is not None:
+            for c in chunks:
+                self.write(c)
+            return
         if self.transport is not None and self.state != "closed":
             self.transport.write(b"".join(chunks))
+
+    def cork(self) -> None:
+        """Hold writes until :meth:`uncork` (or ``CORK_LIMIT`` bytes): one send per answer.
+
+        A proxy-run answer (rows, CommandComplete, then the Sync's ReadyForQuery) otherwise
+        cost a send() each; large answers still stream, in CORK_LIMIT pieces.
+        """
+        if self._cork is None:
+            self._cork = []
+            self._cork_size = 0
+
+    def uncork(self) -> None:
+        if self._cork is not None:
+            self._flush_cork()
+            self._cork = None
+
+    def _flush_cork(self) -> None:
+        chunks, self._cork, self._cork_size = self._cork, [], 0
+        if chunks and self.transport is not None and self.state != "closed":
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def fail(self, err: PgError | ProtocolViolation) -> None:
         """Send a FATAL error and close this client only."""

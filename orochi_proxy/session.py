@@ -673,6 +673,14 @@ class Session:
 
     async def _run_local(self, entry: LocalAnswer) -> None:
         assert entry.run is not None
+        self.client.cork()
+        try:
+            await self._run_local_corked(entry)
+        finally:
+            self.client.uncork()
+
+    async def _run_local_corked(self, entry: LocalAnswer) -> None:
+        assert entry.run is not None
         try:
             data, error = await entry.run()
         except asyncio.CancelledError:
@@ -697,6 +705,10 @@ class Session:
             self.metrics.errors.labels(_sqlstate_of(data)).inc()
         entry.data, entry.error = data, error
         self._pump()
+        if not self.blocked and self.backlog and not self.closed:
+            # Messages that waited behind this answer (typically the client's Sync) are handled
+            # now, so their answers join the same corked send.
+            self._drain_backlog()
 
     def _drain_backlog(self) -> None:
         self._draining = True
@@ -710,6 +722,8 @@ class Session:
         finally:
             self._draining = False
             self.end_batch()
+            if not self.blocked:
+                self.client.uncork()
 
     def _skip_to_sync(self) -> None:
         """Drop answers up to the next Sync (PostgreSQL skips those messages after an error)."""
@@ -724,6 +738,8 @@ class Session:
                     entry.task.cancel()
         if not pending:
             self.skipping = True
+        if not self.blocked:
+            self.client.uncork()
         if not self.blocked and self.backlog and not self.closed:
             # A dropped blocking answer held the client's later messages (its Sync among them)
             # in the backlog; nothing else would replay them after a node-reported error.
@@ -776,6 +792,8 @@ class Session:
         else:
             out.append(buf[seg:])
             self.client.write_many(out)
+        if not self.blocked:
+            self.client.uncork()  # corked only while a proxy-run answer is pending
 
     def _enter_extended_copy_in(self) -> None:
         """CopyInResponse to an Execute: Syncs the client sent behind it will get no answer."""
