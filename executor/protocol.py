@@ -408,3 +408,13 @@ class FrameReader:
     @property
     def pending_bytes(self) -> int:
         return len(self._pending)
+
+
+def iter_messages(data: bytes):
+    """(type, payload) of each whole message in ``data`` (output the proxy produced itself)."""
+    pos = 0
+    n = len(data)
+    while pos + 5 <= n:
+        (ln,) = _I32.unpack_from(data, pos + 1)
+        yield data[pos], data[pos + 5 : pos + 1 + ln]
+        pos += 1 + ln

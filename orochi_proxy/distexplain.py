@@ -145,12 +145,7 @@ class _Counter:
         self.rows = 0
 
     def write(self, data: bytes) -> None:
-        pos = 0
-        while pos + 5 <= len(data):
-            n = int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if data[pos] == ord("D"):
-                self.rows += 1
-            pos += 1 + n
+        self.rows += sum(1 for t, _ in pg.iter_messages(data) if t == ord("D"))
 
 
 def plan_rows(lines: list[str], *, simple: bool) -> bytes:

@@ -42,12 +42,7 @@ class _Rows:
         self.rows: list[list[bytes | None]] = []
 
     def write(self, data: bytes) -> None:
-        pos = 0
-        while pos + 5 <= len(data):
-            n = int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if data[pos] == ord("D"):
-                self.rows.append(pg.decode_data_row(data[pos + 5 : pos + 1 + n]))
-            pos += 1 + n
+        self.rows.extend(pg.decode_data_row(p) for t, p in pg.iter_messages(data) if t == ord("D"))
 
 
 async def _select_rows(runner: DistributedRunner, sql: str, ctx: distributed.ExecContext) -> list[list[bytes | None]]:

@@ -119,31 +119,35 @@ class PlanCache:
         self.size = size
         self._plans: OrderedDict[tuple, Plan | None] = OrderedDict()
 
-    def get(self, server: ProxyServer, action: Distributed, search_path: tuple[str, ...]) -> Plan | None:
-        model = server.catalog.model
-        key = (action.sql, search_path, model.version)
+    def _cached(self, key: tuple) -> tuple[bool, Plan | None]:
         try:
             plan = self._plans[key]
-            self._plans.move_to_end(key)
-            return plan
         except KeyError:
-            pass
-        plan = plan_statement(action.stmt, action.sql, model, search_path, model.aggregate_names)
+            return False, None
+        self._plans.move_to_end(key)
+        return True, plan
+
+    def _store(self, key: tuple, plan: Plan | None) -> Plan | None:
         self._plans[key] = plan
         if len(self._plans) > self.size:
             self._plans.popitem(last=False)
         return plan
 
+    def get(self, server: ProxyServer, action: Distributed, search_path: tuple[str, ...]) -> Plan | None:
+        model = server.catalog.model
+        key = (action.sql, search_path, model.version)
+        hit, plan = self._cached(key)
+        if hit:
+            return plan
+        return self._store(key, plan_statement(action.stmt, action.sql, model, search_path, model.aggregate_names))
+
     def get_shape(self, server: ProxyServer, norm: Normalized, search_path: tuple[str, ...]) -> Plan | None:
         """The plan of a literal statement's shape (constants as $n); None if it cannot be used."""
         model = server.catalog.model
         key = ("shape", norm.key, search_path, model.version)
-        try:
-            plan = self._plans[key]
-            self._plans.move_to_end(key)
+        hit, plan = self._cached(key)
+        if hit:
             return plan
-        except KeyError:
-            pass
         plan = None
         try:
             stmts = parse_sql(norm.shape)
@@ -155,19 +159,12 @@ class PlanCache:
             except PgError:
                 plan = None  # the literal text gets the exact error from the normal path
             if plan is not None and plan.multi_error is not None:
-                # Constants turned into distinct $n can stop expressions from matching (GROUP BY
-                # x % 7 vs x % 7 in the select list): plan the literal text instead.
-                plan = None
-            if plan is not None and plan.multi_error is not None:
                 # The split matches expressions structurally: with every constant a different $n,
                 # ``SELECT user_id % 7 ... GROUP BY user_id % 7`` no longer finds its GROUP BY
                 # item and the shape plan refuses (0A000) what the literal plan runs. Plan such
                 # statements by their text.
                 plan = None
-        self._plans[key] = plan
-        if len(self._plans) > self.size:
-            self._plans.popitem(last=False)
-        return plan
+        return self._store(key, plan)
 
 
 class TypeNames:

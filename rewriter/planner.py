@@ -30,7 +30,7 @@ from rewriter import combine
 from rewriter.errors import PgError
 from rewriter.model import ClusterModel, TableInfo
 from rewriter.pruning import PinValue, analyze_scope
-from rewriter.relations import Occurrence, RelationScan, scan_relations
+from rewriter.relations import Occurrence, RelationScan, scan_relations, walk
 
 _CONNAME = "__orochi_conname__"
 
@@ -461,16 +461,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
     return plan
 
 
-def combine_walk(node):
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, ast.Node):
-            yield n
-            for name in n:
-                stack.append(getattr(n, name))
-        elif isinstance(n, tuple | list):
-            stack.extend(n)
+combine_walk = walk  # every node below a node (rewriter.relations.walk)
 
 
 def _plan_insert_select(stmt: ast.InsertStmt, sql: str, scan: RelationScan, table: TableInfo, model, search_path) -> Plan:

@@ -55,7 +55,7 @@ _STATEMENTS = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)
 
 def scan_relations(stmt: ast.Node, model: ClusterModel, search_path: tuple[str, ...]) -> RelationScan:
     """All catalog tables mentioned in ``stmt``, in textual order, with top-level/nested marks."""
-    cte_names = {n.ctename for n in _walk(stmt) if isinstance(n, ast.CommonTableExpr)}
+    cte_names = {n.ctename for n in walk(stmt) if isinstance(n, ast.CommonTableExpr)}
     result = RelationScan()
 
     def visit(node: object, nested: bool, scope: ast.Node) -> None:
@@ -90,7 +90,7 @@ def scan_relations(stmt: ast.Node, model: ClusterModel, search_path: tuple[str, 
     return result
 
 
-def _walk(node):
+def walk(node):
     """Every ast.Node below ``node`` (inclusive), depth first."""
     stack = [node]
     while stack:
