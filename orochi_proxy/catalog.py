@@ -533,6 +533,17 @@ class Catalog:
                     raise
         raise AssertionError("unreachable")
 
+    async def update_node(self, node_id: int, host: str, port: int) -> None:
+        """Point node ``node_id`` at a new address (``citus_update_node``): its shards stay its own."""
+        host, port = _check_address(host, port)
+        async with self._change() as ch:
+            updated = await ch.conn.fetchval(
+                f"UPDATE {SCHEMA}.nodes SET host = $2, port = $3 WHERE node_id = $1 RETURNING node_id",
+                node_id, host, port,
+            )
+            if updated is None:
+                raise CatalogError("42704", f"node {node_id} is not in the cluster; see citus_nodes")
+
     async def remove_node(self, host: str, port: int) -> None:
         """Unregister a node (``citus_remove_node``); CatalogError 42704 if it is unknown."""
         host, port = _check_address(host, port)

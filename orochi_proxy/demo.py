@@ -29,7 +29,13 @@ from typing import IO
 import asyncpg
 
 from orochi_proxy.config import BackendSettings, MetadataSettings, ProxyConfig, ServerSettings
-from orochi_proxy.demo_data import EXAMPLE_QUERIES, EXPECTED_ROWS, LOAD_SQL, SCHEMA_SQL
+from orochi_proxy.demo_data import (
+    DISTRIBUTE_SQL,
+    EXAMPLE_QUERIES,
+    EXPECTED_ROWS,
+    LOAD_SQL_BY_TABLE,
+    SCHEMA_SQL,
+)
 from orochi_proxy.localcluster import ClusterError, LocalCluster, PostgresNotFoundError
 from orochi_proxy.server import ProxyServer
 
@@ -149,10 +155,16 @@ def proxy_config(cluster: LocalCluster, port: int) -> ProxyConfig:
 async def _register_nodes(server: ProxyServer, cluster: LocalCluster, out: Output) -> None:
     """Make the catalog list exactly the running nodes (see the module docstring for why)."""
     wanted = {(n.host, n.port) for n in cluster.nodes}
-    for node in list(server.catalog.nodes):
-        if (node.host, node.port) not in wanted:
-            await server.remove_node(node.host, node.port)
-            out(f"  removed stale node {node.address} (from an earlier run)")
+    registered = {(n.host, n.port) for n in server.catalog.nodes}
+    stale = [node for node in server.catalog.nodes if (node.host, node.port) not in wanted]
+    fresh = [n for n in cluster.nodes if (n.host, n.port) not in registered]
+    # A node restarted on another port keeps its id (and the shards placed on it).
+    for node, n in zip(stale, fresh, strict=False):
+        await server.catalog.update_node(node.node_id, n.host, n.port)
+        out(f"  node {node.node_id} moved from {node.address} to {n.host}:{n.port}")
+    for node in stale[len(fresh) :]:
+        await server.remove_node(node.host, node.port)
+        out(f"  removed stale node {node.address} (from an earlier run)")
     for n in cluster.nodes:
         await server.add_node(n.host, n.port)
 
@@ -160,7 +172,13 @@ async def _register_nodes(server: ProxyServer, cluster: LocalCluster, out: Outpu
 async def _load_sample_data(conn: asyncpg.Connection, out: Output) -> None:
     """Create and fill the sample tables through the proxy; idempotent (see demo_data)."""
     await conn.execute(SCHEMA_SQL)
-    await conn.execute(LOAD_SQL)
+    for table, load_sql in LOAD_SQL_BY_TABLE.items():
+        done = await conn.fetchval("SELECT count(*) FROM citus_tables WHERE table_name = $1", f"public.{table}")
+        if done:
+            continue  # distributed by an earlier run, rows included
+        await conn.execute(load_sql)  # plain table still: idempotent ON CONFLICT DO NOTHING
+        await conn.execute(DISTRIBUTE_SQL[table])
+    out("  demo_devices: reference table; demo_metrics: distributed by device_id; demo_orders: by order_id")
     counts = []
     for table in EXPECTED_ROWS:
         n = await conn.fetchval(f"SELECT count(*) FROM {table}")

@@ -7,8 +7,9 @@ produces exactly the same rows. Every table has a primary key and every insert s
 ``ON CONFLICT DO NOTHING``: a re-run, or a run after an interrupted load, converges to the same
 complete data set without duplicates.
 
-Plain tables for now; when distributed tables and hypertables exist, the demo will create these
-as such (``create_distributed_table``, ``create_hypertable``) before loading.
+Each table is loaded while still plain (so the load is an idempotent INSERT ... ON CONFLICT on
+one node) and then turned into a reference or distributed table, which moves its rows into the
+shards; a re-run finds the tables distributed and skips both steps.
 """
 
 from __future__ import annotations
@@ -109,3 +110,18 @@ EXAMPLE_QUERIES: tuple[ExampleQuery, ...] = (
         "SELECT status, count(*), sum(amount) FROM demo_orders GROUP BY status ORDER BY status;",
     ),
 )
+
+
+def _statements(sql: str) -> list[str]:
+    return [s.strip() + ";" for s in sql.split(";") if s.strip()]
+
+
+#: The load, one statement per table (in LOAD_SQL order).
+LOAD_SQL_BY_TABLE: dict[str, str] = dict(zip(EXPECTED_ROWS, _statements(LOAD_SQL), strict=True))
+
+#: How each table is spread over the nodes once loaded.
+DISTRIBUTE_SQL: dict[str, str] = {
+    "demo_devices": "SELECT create_reference_table('demo_devices');",
+    "demo_metrics": "SELECT create_distributed_table('demo_metrics', 'device_id', shard_count => 8);",
+    "demo_orders": "SELECT create_distributed_table('demo_orders', 'order_id');",
+}

@@ -265,7 +265,12 @@ class DistributedRunner:
     async def run_other(self, action: Distributed) -> str:
         """DDL on catalog tables (or 0A000): returns the command tag."""
         from orochi_proxy.distcopy import run_copy
-        from orochi_proxy.distddl import run_ddl
+        from orochi_proxy.distddl import _run_tagged, run_ddl
+
+        if isinstance(action.stmt, ast.CreateStmt) and action.stmt.if_not_exists:
+            # CREATE TABLE IF NOT EXISTS of a table that exists (it is distributed): a no-op,
+            # answered by the metadata node as PostgreSQL would (with its notice dropped).
+            return await _run_tagged(self, action.sql)
 
         tag = await run_copy(self, action)
         if tag is None:

@@ -335,7 +335,7 @@ def test_demo(demo_dir: Path) -> None:
     )
     try:
         conninfo, output = _read_until_psql(proc, timeout=90)
-        assert "removed stale node" in output  # nodes came back on new ports
+        assert "moved from" in output  # nodes came back on new ports and kept their ids (and shards)
         assert _postgres_processes(demo_dir) != ""
         res = subprocess.run(
             ["psql", conninfo, "-Atc", "select count(*) from demo_devices"],
