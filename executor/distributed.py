@@ -22,8 +22,7 @@ is at the head of the session's ordered answers, so nothing can overtake it.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
+import dataclasses
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,10 +36,7 @@ from executor.protocol import PgError
 from executor.tasks import TaskResult, extended_query, run_on
 from rewriter import hashing
 from rewriter.planner import Plan
-
-GID_PREFIX = "orochi_"
-_gid_counter = itertools.count(1)
-_PROCESS_TAG = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
+from rewriter.quoting import quote_literal
 
 
 async def _no_record(gid: str, nodes: list[int]) -> None:
@@ -53,9 +49,6 @@ async def _no_forget(gid: str) -> None:
 
 # For contexts built without a server (tests): two-phase commit without a durable decision.
 _NO_LOG = twophase.Decider(0, _no_record, _no_forget, set())
-
-# Backend settings that change how values are printed or parsed; reproduced on node connections.
-OUTPUT_SETTINGS = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "bytea_output")
 
 
 @dataclass
@@ -80,6 +73,14 @@ class ExecContext:
     # these literals, put back as text before sending; routing reads their values.
     literals: tuple | None = None
     decider: twophase.Decider | None = None  # records commit decisions (the server's TransactionLog)
+
+    def capturing(self, write: Callable[[bytes], None]) -> ExecContext:
+        """The same statement context with its answer (text format) going to ``write``.
+
+        For the proxy's own use of a query's rows (EXPLAIN ANALYZE, INSERT ... SELECT): nothing
+        is relayed to the client, so the client's buffer must not throttle the nodes either.
+        """
+        return dataclasses.replace(self, write=write, result_formats=[0], row_description=None, throttle=None)
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -324,7 +325,9 @@ async def _with_settings(conn: BackendConnection, wanted: dict[str, str]) -> Non
     changes = {k: v for k, v in wanted.items() if applied.get(k) != v}
     if not changes:
         return
-    sql = "; ".join(f"SELECT pg_catalog.set_config('{k}', '{v.replace(chr(39), chr(39) * 2)}', false)" for k, v in changes.items())
+    sql = "; ".join(
+        f"SELECT pg_catalog.set_config({quote_literal(k)}, {quote_literal(v)}, false)" for k, v in changes.items()
+    )
     await conn.simple_query(sql)
     applied.update(changes)
 
@@ -454,6 +457,22 @@ async def _run_single(plan: Plan, ctx: ExecContext, node_id: int, sql: str) -> N
 def _raise(res: TaskResult) -> None:
     if res.error is not None:
         raise res.error
+
+
+async def collect_rows(pool: NodePool, ctx: ExecContext, sql: str) -> list[list[bytes | None]]:
+    """Run ``sql`` (with the statement's parameters) on one connection of ``pool``; rows as text."""
+    conn = await pool.acquire()
+    try:
+        await _with_settings(conn, ctx.settings)
+        res = await run_on(
+            conn,
+            extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=[0]),
+            collect=True,
+        )
+    finally:
+        pool.release(conn, reset=not conn.usable)
+    _raise(res)
+    return res.rows or []
 
 
 def _by_node(plan: Plan, shards: list[int]) -> dict[int, list[int]]:
@@ -734,8 +753,6 @@ async def _fill_values(plan: Plan, ctx: ExecContext, n_rows: int) -> list[list[s
     return [[r[j].decode() for r in rows] for j in range(len(plan.insert_fill))]  # type: ignore[union-attr]
 
 
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
@@ -767,7 +784,7 @@ async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
             raise PgError("22P02", f'invalid input for distribution column "{table.dist_column}": "{text}"')
         values_sql = row.values_sql
         for j, column in enumerate(fills):
-            values_sql = values_sql.replace(f"__orochi_fill_{j}__", _sql_literal(column[r]))
+            values_sql = values_sql.replace(f"__orochi_fill_{j}__", quote_literal(column[r]))
         by_shard.setdefault(s, []).append(values_sql)
         order.append(s)
     statements = {

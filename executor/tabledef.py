@@ -32,11 +32,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pglast import ast, parse_sql
-from pglast.keywords import UNRESERVED_KEYWORDS
 from pglast.stream import RawStream
 
 from rewriter.errors import PgError
 from rewriter.model import shard_table_name
+from rewriter.quoting import qualified_name, quote_ident, quote_literal  # noqa: F401  (re-exported)
 
 Query = Callable[[str], Awaitable[list[list[str | None]]]]
 """Runs one SQL text and returns its rows as text values (``None`` for NULL).
@@ -57,52 +57,6 @@ _RELKIND_NAMES = {
     "c": "a composite type",
     "t": "a TOAST table",
 }
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier exactly when PostgreSQL's ``quote_ident`` would.
-
-    Safe without quotes: lower-case ASCII letters, digits and ``_``, not starting with a digit,
-    and not a keyword other than an unreserved one. pglast's keyword lists are those of a newer
-    parser than the nodes' (PostgreSQL 15); a word that became a keyword later is quoted too,
-    which is always harmless.
-    """
-    safe = bool(name) and (name[0] == "_" or "a" <= name[0] <= "z")
-    if safe:
-        safe = all(ch == "_" or "a" <= ch <= "z" or "0" <= ch <= "9" for ch in name)
-    if safe and name in _KEYWORDS_NEEDING_QUOTES:
-        safe = False
-    return name if safe else '"' + name.replace('"', '""') + '"'
-
-
-def _keywords_needing_quotes() -> frozenset[str]:
-    from pglast import keywords
-
-    every = (
-        set(keywords.RESERVED_KEYWORDS)
-        | set(keywords.COL_NAME_KEYWORDS)
-        | set(keywords.TYPE_FUNC_NAME_KEYWORDS)
-    )
-    return frozenset(every - set(UNRESERVED_KEYWORDS))
-
-
-_KEYWORDS_NEEDING_QUOTES = _keywords_needing_quotes()
-
-
-def quote_literal(value: str) -> str:
-    """A SQL string literal, like PostgreSQL's ``quote_literal`` (``E''`` when it has backslashes).
-
-    The ``E''`` form keeps the literal right whatever ``standard_conforming_strings`` says.
-    """
-    body = value.replace("'", "''")
-    if "\\" in value:
-        return "E'" + body.replace("\\", "\\\\") + "'"
-    return "'" + body + "'"
-
-
-def qualified_name(schema: str, name: str) -> str:
-    """``schema.name`` with both parts quoted as needed."""
-    return f"{quote_ident(schema)}.{quote_ident(name)}"
 
 
 @dataclass

@@ -295,11 +295,8 @@ def nodes_list(config: ConfigOption = None) -> None:
 
     async def body() -> tuple[str, int]:
         catalog = _catalog_for(cfg)
-        await catalog.open()
-        try:
+        async with catalog:
             nodes = list(catalog.nodes)
-        finally:
-            await catalog.close()
         rows, _ = await _node_rows(cfg, nodes)
         return format_table(NODE_HEADERS, rows), len(nodes)
 
@@ -332,11 +329,8 @@ def nodes_add(
                 "check that it is running and accepts the [backend] user and password"
             )
         catalog = _catalog_for(cfg)
-        await catalog.open()
-        try:
+        async with catalog:
             return await catalog.add_node(host, port)
-        finally:
-            await catalog.close()
 
     with _errors(config):
         node_id = _run(body())
@@ -354,11 +348,8 @@ def nodes_remove(
 
     async def body() -> None:
         catalog = _catalog_for(cfg)
-        await catalog.open()
-        try:
+        async with catalog:
             await catalog.remove_node(host, port)
-        finally:
-            await catalog.close()
 
     with _errors(config):
         _run(body())

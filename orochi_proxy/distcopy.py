@@ -38,7 +38,6 @@ from executor.protocol import PgError
 from executor.tasks import run_on
 from rewriter.intercept import Distributed
 from rewriter.model import TableInfo
-from rewriter.planner import _quote_ident
 
 if TYPE_CHECKING:
     from orochi_proxy.distsession import DistributedRunner
@@ -442,4 +441,4 @@ async def run_copy(runner: DistributedRunner, action: Distributed) -> str | None
     return await copy_to_stdout(runner, stmt, None, plan)
 
 
-__all__ = ["run_copy", "_quote_ident"]
+__all__ = ["run_copy"]

@@ -26,6 +26,7 @@ from executor.tabledef import read_index_names
 from rewriter import ddl
 from rewriter.intercept import Distributed
 from rewriter.model import TableInfo
+from rewriter.quoting import qualified_name, quote_ident, quote_literal
 
 if TYPE_CHECKING:
     from orochi_proxy.distsession import DistributedRunner
@@ -34,8 +35,6 @@ SCHEMA = "orochi_catalog"
 log = logging.getLogger(__name__)
 
 
-def _literal(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 def _catalog_sql(kind: str, stmt, tables: list[TableInfo]) -> list[str]:
@@ -44,14 +43,14 @@ def _catalog_sql(kind: str, stmt, tables: list[TableInfo]) -> list[str]:
     if kind == "drop_table":
         for t in tables:
             out.append(
-                f"DELETE FROM {SCHEMA}.tables WHERE schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"
+                f"DELETE FROM {SCHEMA}.tables WHERE schema_name = {quote_literal(t.schema)} AND table_name = {quote_literal(t.name)}"
             )
     elif kind == "rename_table":
         new = ddl._unwrap(stmt).newname
         for t in tables:
             out.append(
-                f"UPDATE {SCHEMA}.tables SET table_name = {_literal(new)} "
-                f"WHERE schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"
+                f"UPDATE {SCHEMA}.tables SET table_name = {quote_literal(new)} "
+                f"WHERE schema_name = {quote_literal(t.schema)} AND table_name = {quote_literal(t.name)}"
             )
     out.append(f"UPDATE {SCHEMA}.catalog_version SET version = version + 1")
     return out
@@ -80,11 +79,11 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
     index_tables: dict[tuple[str | None, str], TableInfo | None] = {}
 
     async def load_index_owner(schema: str | None, name: str) -> None:
-        qual = f"{_quote(schema)}.{_quote(name)}" if schema else _quote(name)
+        qual = qualified_name(schema, name) if schema else quote_ident(name)
         rows = await runner._backend_query(
             "SELECT n.nspname, c.relname FROM pg_catalog.pg_index i "
             "JOIN pg_catalog.pg_class c ON c.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE i.indexrelid = pg_catalog.to_regclass({_literal(qual)})"
+            f"WHERE i.indexrelid = pg_catalog.to_regclass({quote_literal(qual)})"
         )
         index_tables[(schema, name)] = index_tables[(None, name)] = (
             model.tables.get((rows[0][0].decode(), rows[0][1].decode())) if rows else None  # type: ignore[union-attr]
@@ -108,7 +107,7 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
     before: set[str] = set()
     if kind == "create_index" and ddl.needs_index_name(stmt):
         t = targets[0]
-        before = await read_index_names(runner_query(runner), t.schema, t.name)
+        before = await read_index_names(runner.text_rows, t.schema, t.name)
 
     shard_stmt = stmt
     if concurrently:
@@ -118,7 +117,7 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
     if kind == "create_index" and ddl.needs_index_name(stmt):
         # Read inside the still-open transaction: after PREPARE the new index is invisible.
         t = targets[0]
-        after = await read_index_names(runner_query(runner), t.schema, t.name)
+        after = await read_index_names(runner.text_rows, t.schema, t.name)
         new = sorted(after - before)
         if len(new) != 1:
             if not concurrently:
@@ -151,12 +150,6 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
     return tag
 
 
-def _quote(name: str | None) -> str:
-    if name is None:
-        return ""
-    if name.isidentifier() and name == name.lower() and name.isascii():
-        return name
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _index_names(stmt) -> list[tuple[str | None, str]]:
@@ -170,14 +163,6 @@ def _index_names(stmt) -> list[tuple[str | None, str]]:
         rv = s.relation
         out.append((rv.schemaname, rv.relname))
     return out
-
-
-def runner_query(runner: DistributedRunner):
-    async def query(sql: str) -> list[list[str | None]]:
-        rows = await runner._backend_query(sql)
-        return [[None if v is None else v.decode() for v in r] for r in rows]
-
-    return query
 
 
 async def _run_tagged(runner: DistributedRunner, *statements: str) -> str:

@@ -19,7 +19,6 @@ from pglast.stream import RawStream
 from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
-from executor.tasks import extended_query, run_on
 from rewriter.intercept import Distributed
 from rewriter.planner import plan_statement
 
@@ -101,13 +100,7 @@ async def explain(runner: DistributedRunner, action: Distributed, ctx: distribut
     if analyze:
         started = time.perf_counter()
         counted = _Counter()
-        sub = distributed.ExecContext(
-            database=ctx.database, pool_for=ctx.pool_for, metadata_pool=ctx.metadata_pool,
-            metadata_node_id=ctx.metadata_node_id, write=counted.write, drain=ctx.drain,
-            settings=ctx.settings, type_names=ctx.type_names, params=ctx.params,
-            param_formats=ctx.param_formats, param_oids=ctx.param_oids, result_formats=[0],
-        )
-        await distributed.execute(plan, sub)
+        await distributed.execute(plan, ctx.capturing(counted.write))
         ms = (time.perf_counter() - started) * 1000
         lines.append(f"  Rows returned: {counted.rows}, execution time: {ms:.3f} ms")
     if plan.kind == "select" and plan.split is not None and plan.split.mode == "combine" and len(shards) > 1:
@@ -120,20 +113,7 @@ async def explain(runner: DistributedRunner, action: Distributed, ctx: distribut
             continue
         options.append(f"{k.upper()} {'true' if _truthy(v) else 'false'}")
     explain_sql = f"EXPLAIN ({', '.join(options)}) {task_sql}" if options else f"EXPLAIN {task_sql}"
-    pool = ctx.pool_for(node)
-    conn = await pool.acquire()
-    try:
-        await distributed._with_settings(conn, ctx.settings)
-        res = await run_on(
-            conn,
-            extended_query(explain_sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=[0]),
-            collect=True,
-        )
-    finally:
-        pool.release(conn, reset=not conn.usable)
-    if res.error is not None:
-        raise res.error
-    for row in res.rows or ():
+    for row in await distributed.collect_rows(ctx.pool_for(node), ctx, explain_sql):
         lines.append("    " + (row[0] or b"").decode())
     return lines
 

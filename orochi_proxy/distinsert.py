@@ -18,9 +18,9 @@ from pglast import parse_sql
 from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
-from executor.tasks import extended_query, run_on
 from orochi_proxy.distcopy import _commit, _NodeWriter
 from rewriter.planner import Plan, plan_statement
+from rewriter.quoting import qualified_name, quote_ident
 
 if TYPE_CHECKING:
     from orochi_proxy.distsession import DistributedRunner
@@ -54,28 +54,9 @@ async def _select_rows(runner: DistributedRunner, sql: str, ctx: distributed.Exe
         if inner.kind not in ("select", "ref_select"):
             raise PgError("0A000", "INSERT ... SELECT needs a plain SELECT as its source")
         sink = _Rows()
-        sub = distributed.ExecContext(
-            database=ctx.database, pool_for=ctx.pool_for, metadata_pool=ctx.metadata_pool,
-            metadata_node_id=ctx.metadata_node_id, write=sink.write, drain=ctx.drain,
-            settings=ctx.settings, type_names=ctx.type_names, params=ctx.params,
-            param_formats=ctx.param_formats, param_oids=ctx.param_oids, result_formats=[0],
-        )
-        await distributed.execute(inner, sub)
+        await distributed.execute(inner, ctx.capturing(sink.write))
         return sink.rows
-    pool = ctx.metadata_pool()
-    conn = await pool.acquire()
-    try:
-        await distributed._with_settings(conn, ctx.settings)
-        res = await run_on(
-            conn,
-            extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=[0]),
-            collect=True,
-        )
-    finally:
-        pool.release(conn, reset=not conn.usable)
-    if res.error is not None:
-        raise res.error
-    return res.rows or []
+    return await distributed.collect_rows(ctx.metadata_pool(), ctx, sql)
 
 
 async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: distributed.ExecContext) -> None:
@@ -106,12 +87,12 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
         else:
             idx = 0
         buffers[idx].append(b"\t".join(copy_text_value(v) for v in row) + b"\n")
-    cols = ", ".join(_ident(n) for n in names)
+    cols = ", ".join(quote_ident(n) for n in names)
     writers: dict[int, _NodeWriter] = {}
     try:
         for idx, lines in buffers.items():
             shard = table.shards[idx]
-            sql = f"COPY {_ident(table.schema)}.{_ident(table.shard_name(shard))} ({cols}) FROM STDIN"
+            sql = f"COPY {qualified_name(table.schema, table.shard_name(shard))} ({cols}) FROM STDIN"
             for node in shard.node_ids:
                 w = writers.get(node)
                 if w is None:
@@ -136,8 +117,3 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
             w.pool.release(w.conn, reset=not w.conn.usable)
     ctx.write(pg.command_complete(f"INSERT 0 {len(rows)}"))
 
-
-def _ident(name: str) -> str:
-    if name.isidentifier() and name == name.lower() and name.isascii():
-        return name
-    return '"' + name.replace('"', '""') + '"'

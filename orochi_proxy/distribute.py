@@ -22,6 +22,7 @@ from orochi_proxy.catalog import CatalogError
 from orochi_proxy.localexec import INT4, INT8, TEXT, VOID, ParamSpec, admin_function
 from rewriter import hashing
 from rewriter.model import TableInfo, shard_table_name
+from rewriter.quoting import qualified_name, quote_ident, quote_literal
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ProxyServer
@@ -31,38 +32,18 @@ DEFAULT_SHARD_COUNT = 32
 MAX_SHARD_COUNT = 64000
 
 
-def _quote_ident(name: str) -> str:
-    if name.isidentifier() and name == name.lower() and name.isascii():
-        return name
-    return '"' + name.replace('"', '""') + '"'
 
 
-def _qualified(schema: str, name: str) -> str:
-    return f"{_quote_ident(schema)}.{_quote_ident(name)}"
 
 
-def _literal(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-async def _session_rows(session: Session, sql: str) -> list[list[str | None]]:
-    msgs = await session._collect_from_backend(pg.query(sql))
-    rows: list[list[str | None]] = []
-    for t, p in msgs:
-        if t == ord("D"):
-            rows.append([None if v is None else v.decode() for v in pg.decode_data_row(p)])
-        elif t == ord("E"):
-            raise PgError.from_payload(p)
-    return rows
 
 
 async def resolve_table(session: Session, name: str) -> tuple[str, str]:
     """(schema, table) of ``name`` as the client's session resolves it (regclass semantics)."""
-    rows = await _session_rows(
-        session,
+    rows = await session.dist.text_rows(
         "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE c.oid = {_literal(name)}::regclass",
+        f"WHERE c.oid = {quote_literal(name)}::regclass",
     )
     schema, table = rows[0]
     return schema or "", table or ""
@@ -113,7 +94,7 @@ async def _drop_shards(server: ProxyServer, database: str, schema: str, shard_no
     per_node: dict[int, list[str]] = defaultdict(list)
     for _sid, (name, nodes) in shard_nodes.items():
         for node in nodes:
-            per_node[node].append(f"DROP TABLE IF EXISTS {_qualified(schema, name)}")
+            per_node[node].append(f"DROP TABLE IF EXISTS {qualified_name(schema, name)}")
     for node, stmts in per_node.items():
         try:
             pool = server.node_pool(node, database)
@@ -141,7 +122,7 @@ async def _move_rows_in(
     md_pool = server.metadata_pool(session.database)
     conn = await md_pool.acquire()
     try:
-        rows = await copy_out(conn, f"COPY {_qualified(schema, name)} TO STDOUT")
+        rows = await copy_out(conn, f"COPY {qualified_name(schema, name)} TO STDOUT")
     finally:
         md_pool.release(conn, reset=False)
     if not rows:
@@ -163,7 +144,7 @@ async def _move_rows_in(
             pool = server.node_pool(node, session.database)
             c = await pool.acquire()
             try:
-                await copy_in(c, f"COPY {_qualified(schema, shard_table_name(name, sid))} FROM STDIN", lines)
+                await copy_in(c, f"COPY {qualified_name(schema, shard_table_name(name, sid))} FROM STDIN", lines)
             finally:
                 pool.release(c, reset=not c.usable)
     return len(rows)
@@ -185,10 +166,7 @@ async def _distribute(
     if (schema, name) in catalog.model.tables:
         raise PgError("42P16", f'table "{name}" is already distributed', hint=f"See citus_tables; undistribute_table('{name}') first.")
 
-    async def query(sql: str) -> list[list[str | None]]:
-        return await _session_rows(session, sql)
-
-    tdef = await read_table_definition(query, schema, name)
+    tdef = await read_table_definition(session.dist.text_rows, schema, name)
     dist_type: str | None = None
     column_index: int | None = None
     if kind == "hash":
@@ -215,7 +193,7 @@ async def _distribute(
             raise PgError("55000", "the cluster has no active nodes; add one with citus_add_node")
         (sid,) = await catalog.allocate_shard_ids(1)
         shards = [(sid, 0, all_nodes)]
-    ddl = {sid: [f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(schema)}", *tdef.shard_ddl(shard_table_name(name, sid), sid)] for sid, _, _ in shards}
+    ddl = {sid: [f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}", *tdef.shard_ddl(shard_table_name(name, sid), sid)] for sid, _, _ in shards}
     placement = {sid: nodes for sid, _, nodes in shards}
     created = {sid: (shard_table_name(name, sid), nodes) for sid, _, nodes in shards}
     try:
@@ -228,7 +206,7 @@ async def _distribute(
         await _drop_shards(server, session.database, schema, created)
         raise
     # The rows now live in the shards; the logical table keeps only the definition.
-    await _session_rows(session, f"TRUNCATE {_qualified(schema, name)}")
+    await session.dist.text_rows(f"TRUNCATE {qualified_name(schema, name)}")
 
 
 def _fill_columns(tdef) -> dict[str, str]:
@@ -240,7 +218,7 @@ def _fill_columns(tdef) -> dict[str, str]:
         if col.default_sql and "nextval" in col.default_sql:
             out[col.name] = col.default_sql
         elif col.sequence:
-            out[col.name] = f"pg_catalog.nextval({_literal(col.sequence)}::regclass)"
+            out[col.name] = f"pg_catalog.nextval({quote_literal(col.sequence)}::regclass)"
     return out
 
 
@@ -289,14 +267,14 @@ async def undistribute_table(server: ProxyServer, a: dict[str, Any], session: Se
     table = server.catalog.model.tables.get((schema, name))
     if table is None:
         raise PgError("42809", f'table "{name}" is not distributed')
-    target = _qualified(schema, name)
+    target = qualified_name(schema, name)
     shards = table.shards if not table.is_reference else table.shards[:1]
     for shard in shards:
         node = shard.node_ids[0]
         pool = server.node_pool(node, session.database)
         conn = await pool.acquire()
         try:
-            rows = await copy_out(conn, f"COPY {_qualified(schema, table.shard_name(shard))} TO STDOUT")
+            rows = await copy_out(conn, f"COPY {qualified_name(schema, table.shard_name(shard))} TO STDOUT")
         finally:
             pool.release(conn, reset=False)
         if rows:
@@ -338,14 +316,14 @@ async def refresh_shard_sizes(server: ProxyServer, database: str) -> None:
     for table in server.catalog.model.tables.values():
         for shard in table.shards:
             for node in shard.node_ids:
-                per_node[node].append((shard.shard_id, _qualified(table.schema, table.shard_name(shard))))
+                per_node[node].append((shard.shard_id, qualified_name(table.schema, table.shard_name(shard))))
     sizes: list[tuple[int, int, int]] = []
     for node, items in per_node.items():
         pool = server.node_pool(node, database)
         conn = await pool.acquire()
         try:
             sql = " UNION ALL ".join(
-                f"SELECT {sid}, COALESCE(pg_catalog.pg_total_relation_size(pg_catalog.to_regclass({_literal(q)})), 0)"
+                f"SELECT {sid}, COALESCE(pg_catalog.pg_total_relation_size(pg_catalog.to_regclass({quote_literal(q)})), 0)"
                 for sid, q in items
             )
             for sid, size in await conn.simple_query(sql):

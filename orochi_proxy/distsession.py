@@ -237,6 +237,10 @@ class DistributedRunner:
                 raise PgError.from_payload(p)
         return rows
 
+    async def text_rows(self, sql: str) -> list[list[str | None]]:
+        """Rows of ``sql`` on the session's metadata connection, as text (a tabledef ``Query``)."""
+        return [[None if v is None else v.decode() for v in r] for r in await self._backend_query(sql)]
+
     async def _check_transaction(self, plan: Plan) -> None:
         s = self.session
         if s.tx_status == pg.TX_FAILED:

@@ -41,6 +41,7 @@ from executor.protocol import PgError, ProtocolViolation
 from orochi_proxy import localexec
 from orochi_proxy.distsession import DistPortal, DistributedRunner, DistStatement
 from rewriter.intercept import AdminCall, Distributed, Passthrough
+from rewriter.quoting import quote_literal
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ClientConnection, ProxyServer
@@ -208,7 +209,7 @@ class Session:
             settings += _parse_options(self.startup_params.get("options", ""))
             if settings:
                 sql = "; ".join(
-                    f"SELECT pg_catalog.set_config({_quote(k)}, {_quote(v)}, false)" for k, v in settings
+                    f"SELECT pg_catalog.set_config({quote_literal(k)}, {quote_literal(v)}, false)" for k, v in settings
                 )
                 await backend.simple_query(sql)
             if self.closed:
@@ -928,8 +929,6 @@ def _sqlstate_of(error_message: bytes) -> str:
     return pg.parse_error_fields(error_message[5:]).get("C", "XX000")
 
 
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 def _parse_options(options: str) -> list[tuple[str, str]]:

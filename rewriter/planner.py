@@ -30,6 +30,7 @@ from rewriter import combine
 from rewriter.errors import PgError
 from rewriter.model import ClusterModel, TableInfo
 from rewriter.pruning import PinValue, analyze_scope
+from rewriter.quoting import quote_ident
 from rewriter.relations import Occurrence, RelationScan, scan_relations, walk
 
 _CONNAME = "__orochi_conname__"
@@ -79,20 +80,16 @@ class Plan:
         for i, t in enumerate(self.tables):
             idx = 0 if t.is_reference else shard_index
             shard = t.shards[idx]
-            out = out.replace(token(i), _quote_ident(t.shard_name(shard)))
+            out = out.replace(token(i), quote_ident(t.shard_name(shard)))
         if self.conflict_constraint is not None:
             from rewriter.ddl import shard_object_name
 
             target = self.tables[0]
             shard = target.shards[0 if target.is_reference else shard_index]
-            out = out.replace(_CONNAME, _quote_ident(shard_object_name(self.conflict_constraint, shard)))
+            out = out.replace(_CONNAME, quote_ident(shard_object_name(self.conflict_constraint, shard)))
         return out
 
 
-def _quote_ident(name: str) -> str:
-    if name.isidentifier() and name == name.lower() and name.isascii():
-        return name
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _fresh_copy(stmt: ast.Node, sql: str) -> ast.Node:

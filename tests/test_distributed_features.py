@@ -748,6 +748,22 @@ def test_insert_select_between_colocated_tables(env: Env) -> None:
     assert env.q("SELECT count(*) FROM feat_is_dst WHERE id = 1008") in ([(0,)], [(1,)])
 
 
+def test_insert_select_through_the_proxy_quotes_keyword_columns(env: Env) -> None:
+    """Rows re-routed by the proxy are loaded with COPY naming the columns: keywords need quotes."""
+    env.proxy.execute('CREATE TABLE feat_kw_src (id bigint PRIMARY KEY, "order" int, "user" text)')
+    env.proxy.execute('CREATE TABLE feat_kw_dst (id bigint PRIMARY KEY, "order" int, "user" text)')
+    env.q("SELECT create_distributed_table('feat_kw_src', 'id', shard_count => 4)")
+    env.q("SELECT create_distributed_table('feat_kw_dst', 'id', shard_count => 6)")
+    with env.proxy.cursor() as cur:
+        cur.executemany('INSERT INTO feat_kw_src (id, "order", "user") VALUES (%s, %s, %s)', [(i, i * 2, f"u{i}") for i in range(50)])
+    # Different shard counts: not co-located, so the proxy runs the SELECT and routes the rows.
+    status, _ = env.tag('INSERT INTO feat_kw_dst (id, "order", "user") SELECT id, "order", "user" FROM feat_kw_src WHERE id < 30')
+    assert status == "INSERT 0 30"
+    assert env.q('SELECT count(*), sum("order"), min("user") FROM feat_kw_dst') == [(30, sum(i * 2 for i in range(30)), "u0")]
+    assert check_placement(env, "feat_kw_dst", "id", "bigint") == 30
+    assert_no_prepared(env)
+
+
 # ============================================================================ 6. EXPLAIN
 def test_explain(env: Env) -> None:
     """EXPLAIN names the strategy and shards; ANALYZE counts rows; ANALYZE of a write is refused."""
