@@ -240,11 +240,14 @@ class BackendConnection(asyncio.Protocol):
         finally:
             self._collector = None
 
-    async def exchange(self, data: bytes, until: tuple[int, ...] = (90,)) -> list[tuple[int, bytes]]:
+    async def exchange(
+        self, data: bytes, until: tuple[int, ...] = (90,), count: int = 1
+    ) -> list[tuple[int, bytes]]:
         """Send protocol messages and return every answer up to one of ``until`` (ReadyForQuery).
 
         With ``until`` other than ReadyForQuery the messages should end in Flush: the caller is
-        in the middle of an extended-protocol batch and must not end it with a Sync.
+        in the middle of an extended-protocol batch and must not end it with a Sync. ``count``:
+        stop at the count-th such message (an ErrorResponse in ``until`` always stops).
         """
         if self.consumer is not None:
             raise RuntimeError("backend connection is in relay mode")
@@ -262,7 +265,9 @@ class BackendConnection(asyncio.Protocol):
                     name, pos = pg.read_cstr(payload, 0)
                     self.parameters[name] = pg.read_cstr(payload, pos)[0]
                 if t in until:
-                    return out
+                    count -= 1
+                    if count <= 0 or t == ord("E"):
+                        return out
         except BaseException:
             # The conversation is out of step now; nobody can reuse this connection safely.
             self.broken = True

@@ -34,6 +34,7 @@ from executor.backend import BackendConnection
 from executor.pool import NodePool
 from executor.protocol import PgError
 from executor.tasks import TaskResult, extended_query, run_on
+from executor.transaction import DistTransaction
 from rewriter import hashing
 from rewriter.planner import Plan
 from rewriter.quoting import quote_literal
@@ -73,6 +74,9 @@ class ExecContext:
     # these literals, put back as text before sending; routing reads their values.
     literals: tuple | None = None
     decider: twophase.Decider | None = None  # records commit decisions (the server's TransactionLog)
+    # Inside a client's transaction block: its pinned node connections. Statements then run in
+    # the node transactions (no BEGIN/COMMIT of their own); the session commits at COMMIT.
+    txn: DistTransaction | None = None
 
     def capturing(self, write: Callable[[bytes], None]) -> ExecContext:
         """The same statement context with its answer (text format) going to ``write``.
@@ -320,7 +324,7 @@ def resolve_shards(plan: Plan, ctx: ExecContext) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- connections
-async def _with_settings(conn: BackendConnection, wanted: dict[str, str]) -> None:
+async def apply_settings(conn: BackendConnection, wanted: dict[str, str]) -> None:
     applied: dict[str, str] = conn.__dict__.setdefault("applied_settings", {})
     changes = {k: v for k, v in wanted.items() if applied.get(k) != v}
     if not changes:
@@ -333,15 +337,23 @@ async def _with_settings(conn: BackendConnection, wanted: dict[str, str]) -> Non
 
 
 class _Lease:
-    """Connections taken from pools for one statement; returned (without reset) at the end."""
+    """Connections for one statement: the transaction's own, or taken from pools and returned
+    (without reset) at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, ctx: ExecContext) -> None:
+        self.ctx = ctx
         self.taken: list[tuple[NodePool, BackendConnection]] = []
+
+    async def node(self, node_id: int, settings: dict[str, str], *, write: bool = False) -> BackendConnection:
+        """A connection to ``node_id``: in a transaction block, the block's connection there."""
+        if self.ctx.txn is not None:
+            return await self.ctx.txn.conn(node_id, settings, write=write)
+        return await self.get(self.ctx.pool_for(node_id), settings)
 
     async def get(self, pool: NodePool, settings: dict[str, str]) -> BackendConnection:
         conn = await pool.acquire()
         self.taken.append((pool, conn))
-        await _with_settings(conn, settings)
+        await apply_settings(conn, settings)
         return conn
 
     def release(self) -> None:
@@ -435,10 +447,14 @@ def _reference_read_node(plan: Plan, ctx: ExecContext) -> int:
     return min(nodes)
 
 
+def _writes(plan: Plan) -> bool:
+    return plan.kind not in ("select", "ref_select")
+
+
 async def _run_single(plan: Plan, ctx: ExecContext, node_id: int, sql: str) -> None:
-    lease = _Lease()
+    lease = _Lease(ctx)
     try:
-        conn = await lease.get(ctx.pool_for(node_id), ctx.settings)
+        conn = await lease.node(node_id, ctx.settings, write=_writes(plan))
         if ctx.row_description is not None:
             ctx.write(ctx.row_description)
         out = ClientOutput(ctx)
@@ -463,7 +479,7 @@ async def collect_rows(pool: NodePool, ctx: ExecContext, sql: str) -> list[list[
     """Run ``sql`` (with the statement's parameters) on one connection of ``pool``; rows as text."""
     conn = await pool.acquire()
     try:
-        await _with_settings(conn, ctx.settings)
+        await apply_settings(conn, ctx.settings)
         res = await run_on(
             conn,
             extended_query(sql, ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats, result_formats=[0]),
@@ -514,12 +530,12 @@ async def _run_concat(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
     limit = _int_value(split.limit, ctx)
     offset = _int_value(split.offset, ctx) or 0
     out = ClientOutput(ctx, limit, offset)
-    lease = _Lease()
+    lease = _Lease(ctx)
     try:
         if ctx.row_description is not None:
             ctx.write(ctx.row_description)
         groups = _by_node(plan, shards)
-        conns = [await lease.get(ctx.pool_for(node), ctx.settings) for node in groups]
+        conns = [await lease.node(node, ctx.settings) for node in groups]
         msgs = [
             extended_query(
                 _q(ctx, _union_all(plan, plan.worker_template, node_shards)),
@@ -561,11 +577,11 @@ def _array_literal(values: list[bytes | None]) -> bytes:
 async def _run_combine(plan: Plan, ctx: ExecContext, shards: list[int]) -> None:
     split = plan.split
     assert split is not None and plan.worker_template is not None
-    lease = _Lease()
+    lease = _Lease(ctx)
     try:
         groups = _by_node(plan, shards)
         lossless = dict(ctx.settings, extra_float_digits="3")
-        conns = [await lease.get(ctx.pool_for(node), lossless) for node in groups]
+        conns = [await lease.node(node, lossless) for node in groups]
         msgs = [
             extended_query(
                 _q(ctx, _union_all(plan, plan.worker_template, node_shards)),
@@ -662,17 +678,19 @@ async def _write_on_nodes(
     row_order: list[int] | None = None,
     shards_of_node: dict[int, list[int]] | None = None,
 ) -> None:
-    lease = _Lease()
+    lease = _Lease(ctx)
     open_tx: list[BackendConnection] = []
+    in_block = ctx.txn is not None  # the client's transaction: no BEGIN/COMMIT of our own
     try:
         if ctx.row_description is not None and plan.returning:
             ctx.write(ctx.row_description)
         out = ClientOutput(ctx)
-        conns = {node: await lease.get(ctx.pool_for(node), ctx.settings) for node in per_node}
+        conns = {node: await lease.node(node, ctx.settings, write=True) for node in per_node}
         runs = []
         collectors: dict[int, _RowCollector] = {}
         for node, sqls in per_node.items():
-            body = extended_query("BEGIN", sync=False) + b"".join(
+            begin = b"" if in_block else extended_query("BEGIN", sync=False)
+            body = begin + b"".join(
                 extended_query(
                     _q(ctx, s), ctx.params, param_oids=ctx.param_oids, param_formats=ctx.param_formats,
                     result_formats=ctx.result_formats, sync=False,
@@ -685,7 +703,8 @@ async def _write_on_nodes(
                 collectors[node] = _RowCollector()
                 sink = collectors[node].sink
             runs.append(run_on(conns[node], body, sink=sink))
-            open_tx.append(conns[node])
+            if not in_block:
+                open_tx.append(conns[node])
         results = await _gather(runs)
         errors = [r.error for r in results if r.error is not None]
         if errors:
@@ -716,7 +735,8 @@ async def _write_on_nodes(
             tags = [t for t in node_tags if t != "BEGIN"]
         # All or nothing across nodes: two-phase commit with a durable decision (executor.twophase).
         open_tx.clear()
-        await twophase.commit(list(conns.items()), ctx.decider or _NO_LOG)
+        if not in_block:
+            await twophase.commit(list(conns.items()), ctx.decider or _NO_LOG)
         ctx.write(pg.command_complete(_sum_tags(tags, plan.command)))
     finally:
         for c in open_tx:

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from executor import faults
 from executor.backend import BackendConnection
 from executor.protocol import PgError
 
@@ -86,7 +87,13 @@ async def _commit(participants: Sequence[tuple[int, BackendConnection]], decider
             g = f"{gid}_{i}"
             await conn.simple_query(f"PREPARE TRANSACTION '{g}'")
             prepared.append((conn, g))
+            if faults.ARMED:
+                await faults.reached("prepared")
+        if faults.ARMED:
+            await faults.reached("all_prepared")
         await decider.decide(gid, [node for node, _ in participants])
+        if faults.ARMED:
+            await faults.reached("decided")
     except BaseException:
         # Nothing was decided: undo every prepared participant and abort the rest.
         done = {id(c) for c, _ in prepared}
@@ -100,6 +107,8 @@ async def _commit(participants: Sequence[tuple[int, BackendConnection]], decider
     for conn, g in prepared:
         try:
             await conn.simple_query(f"COMMIT PREPARED '{g}'")
+            if faults.ARMED:
+                await faults.reached("commit_prepared")
         except (PgError, OSError) as exc:
             # Decided: recovery will commit it. The client's commit stands.
             log.warning("COMMIT PREPARED %s failed (%s); recovery will finish it", g, exc)

@@ -75,6 +75,9 @@ class BackendSettings:
     connect_timeout: float = 5.0
     acquire_timeout: float = 30.0
     recovery_interval: float = 30.0  # seconds between runs of prepared-transaction recovery
+    # lock_timeout on the nodes of a distributed transaction when the client set none: a lock
+    # wait across nodes (a distributed deadlock) is invisible to each node's deadlock detector.
+    transaction_lock_timeout: str = "30s"
 
 
 @dataclass

@@ -327,9 +327,9 @@ async def copy_to_stdout(runner: DistributedRunner, stmt: ast.CopyStmt, table: T
         pool = server.node_pool(node, session.database)
         conn = await pool.acquire()
         try:
-            from executor.distributed import _with_settings
+            from executor.distributed import apply_settings
 
-            await _with_settings(conn, settings)
+            await apply_settings(conn, settings)
             relay.next_node()
             res = await run_on(conn, pg.query(sql), sink=relay.sink, sink_types=(ord("d"),))
             if res.error is not None:

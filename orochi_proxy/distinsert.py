@@ -88,6 +88,17 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
             idx = 0
         buffers[idx].append(b"\t".join(copy_text_value(v) for v in row) + b"\n")
     cols = ", ".join(quote_ident(n) for n in names)
+    if ctx.txn is not None:
+        # Inside the client's transaction block: load through its node transactions, which
+        # commit with the block.
+        for idx, lines in buffers.items():
+            shard = table.shards[idx]
+            sql = f"COPY {qualified_name(table.schema, table.shard_name(shard))} ({cols}) FROM STDIN"
+            for node in shard.node_ids:
+                conn = await ctx.txn.conn(node, ctx.settings, write=True)
+                await _NodeWriter(conn, None).copy(sql, b"".join(lines))
+        ctx.write(pg.command_complete(f"INSERT 0 {len(rows)}"))
+        return
     writers: dict[int, _NodeWriter] = {}
     try:
         for idx, lines in buffers.items():
@@ -99,7 +110,7 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
                     pool = ctx.pool_for(node)
                     conn = await pool.acquire()
                     w = writers[node] = _NodeWriter(conn, pool)
-                    await distributed._with_settings(conn, ctx.settings)
+                    await distributed.apply_settings(conn, ctx.settings)
                     await conn.simple_query("BEGIN")
                 await w.copy(sql, b"".join(lines))
         await _commit(writers, ctx.decider or distributed._NO_LOG)

@@ -7,15 +7,15 @@ bound values, with its own error messages. Only Execute (and a simple Query) is 
 proxy: the statement is planned (``rewriter.planner``, cached per text, search_path and catalog
 version) and run on the nodes by ``executor.distributed``, whose rows go straight to the client.
 
-Inside a transaction block, distributed reads are allowed at READ COMMITTED (each statement
-takes its own snapshot, as PostgreSQL does at that level); distributed writes inside a block and
-stricter isolation levels get 0A000 until distributed transactions are implemented.
+Inside a transaction block, statements run on node connections pinned to the block
+(``orochi_proxy.txcoordinator``): they see the block's earlier writes and commit with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from pglast import ast, parse_sql
@@ -23,6 +23,7 @@ from pglast import ast, parse_sql
 from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
+from executor.transaction import DistTransaction, transaction_failed
 from rewriter.intercept import Distributed
 from rewriter.literals import Normalized, normalize, shape_is_safe
 from rewriter.planner import Plan, plan_statement
@@ -241,25 +242,33 @@ class DistributedRunner:
         """Rows of ``sql`` on the session's metadata connection, as text (a tabledef ``Query``)."""
         return [[None if v is None else v.decode() for v in r] for r in await self._backend_query(sql)]
 
-    async def _check_transaction(self, plan: Plan) -> None:
+    async def _block_transaction(self) -> DistTransaction | None:
+        """The distributed transaction of the client's open block (None outside blocks)."""
         s = self.session
         if s.tx_status == pg.TX_FAILED:
-            raise PgError("25P02", "current transaction is aborted, commands ignored until end of transaction block")
+            raise transaction_failed()
         if s.tx_status == pg.TX_BLOCK:
-            if plan.kind not in ("select", "ref_select"):
-                raise PgError(
-                    "0A000",
-                    "writes to distributed or reference tables inside a transaction block are not supported yet",
-                    hint="Run the write outside BEGIN ... COMMIT (autocommit); multi-shard writes are atomic on their own.",
-                )
-            rows = await self._backend_query("SELECT pg_catalog.current_setting('transaction_isolation')")
-            level = rows[0][0].decode() if rows and rows[0][0] else ""  # type: ignore[union-attr]
-            if level != "read committed":
-                raise PgError(
-                    "0A000",
-                    f"reading distributed tables in a {level.upper()} transaction is not supported yet",
-                    hint="Use READ COMMITTED, or read outside the transaction block.",
-                )
+            txn = await s.tx.current()
+            if txn.failed:
+                raise transaction_failed()
+            return txn
+        return None
+
+    async def _run_in_block(self, ctx: distributed.ExecContext, run: Awaitable[None]) -> None:
+        """Run a statement; in a block, a failure fails the whole block (on the metadata node too)."""
+        if ctx.txn is None:
+            await run
+            return
+        try:
+            await run
+        except PgError as exc:
+            ctx.txn.failed = True
+            await self.session.tx.fail_backend(exc)
+            raise
+        except BaseException:
+            ctx.txn.failed = True
+            await self.session.tx.fail_backend(PgError("57014", "canceled"))
+            raise
 
     async def plan(self, action: Distributed) -> Plan | None:
         """The cached plan, or None for a statement that is not a query (DDL, COPY, ...)."""
@@ -405,8 +414,9 @@ class DistributedRunner:
             tag = await self.run_other(dp.statement.action)
             dp.done = True
             return pg.command_complete(tag), False
-        await self._check_transaction(plan)
+        txn = await self._block_transaction()
         ctx = self._context(row_description=None)
+        ctx.txn = txn
         ctx.params = dp.bind.params
         ctx.param_formats = dp.bind.param_formats
         ctx.param_oids = oids
@@ -415,11 +425,11 @@ class DistributedRunner:
         if max_rows > 0:
             collected: list[bytes] = []
             ctx.write = collected.append
-            await self._execute(plan, ctx)
+            await self._run_in_block(ctx, self._execute(plan, ctx))
             dp.done = True
             dp.rows, other, dp.tag = _split_answer(b"".join(collected))
             return b"".join(other) + dp.next_chunk(max_rows), False
-        await self._execute(plan, ctx)
+        await self._run_in_block(ctx, self._execute(plan, ctx))
         dp.done = True
         return b"", False
 
@@ -467,7 +477,7 @@ class DistributedRunner:
             search_path = await self.current_search_path()
             shape_plan = self.server.plans.get_shape(self.server, norm, search_path)
             if shape_plan is not None and _literals_route(shape_plan, norm):
-                await self._check_transaction(shape_plan)
+                txn = await self._block_transaction()
                 fkey = (norm.key, self.server.catalog.model.version, search_path)
                 fields = self.shape_fields.get(fkey, _MISSING)
                 if fields is _MISSING:
@@ -477,19 +487,21 @@ class DistributedRunner:
                     self.shape_fields[fkey] = fields
                 ctx = self._context(row_description=pg.row_description(fields) if fields is not None else None)
                 ctx.literals = norm.literals
+                ctx.txn = txn
                 self.server.metrics.statements.labels(_strategy(shape_plan)).inc()
-                await distributed.execute(shape_plan, ctx)
+                await self._run_in_block(ctx, distributed.execute(shape_plan, ctx))
                 return
         plan = await self.plan(action)
         if plan is None:
             self.session.client.write(pg.command_complete(await self.run_other(action)))
             return
-        await self._check_transaction(plan)
+        txn = await self._block_transaction()
         _, fields = await self.describe(action.sql, [])
         row_description = pg.row_description(fields) if fields is not None else None
         ctx = self._context(row_description=row_description)
+        ctx.txn = txn
         self.server.metrics.statements.labels(_strategy(plan)).inc()
-        await self._execute(plan, ctx)
+        await self._run_in_block(ctx, self._execute(plan, ctx))
 
 
 def _literals_route(plan: Plan, norm: Normalized) -> bool:

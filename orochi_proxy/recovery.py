@@ -53,7 +53,9 @@ class TransactionLog:
 
     async def open(self) -> None:
         self._conn = await asyncpg.connect(**self._kwargs)
-        await self._conn.execute("SELECT pg_advisory_lock($1)", self.lock_key)
+        # Shared: sessions writing a decision inside their own transaction take the same lock
+        # shared for that transaction (orochi_proxy.txcoordinator); recovery needs it exclusive.
+        await self._conn.execute("SELECT pg_advisory_lock_shared($1)", self.lock_key)
 
     async def close(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -84,7 +86,9 @@ async def recover(server: ProxyServer) -> int:
     """Resolve orphaned prepared transactions on every node; returns how many were resolved."""
     txlog: TransactionLog = server.txlog
     database = server.config.metadata.dbname
-    prepared: dict[int, list[str]] = defaultdict(list)  # node id -> gids
+    # node id -> (gid, database): client sessions prepare in their own database, and COMMIT
+    # PREPARED must run in that database.
+    prepared: dict[int, list[tuple[str, str]]] = defaultdict(list)
     reachable_all = True
     for node in server.catalog.nodes:
         pool = server.node_pool(node.node_id, database)
@@ -95,10 +99,9 @@ async def recover(server: ProxyServer) -> int:
             continue
         try:
             rows = await conn.simple_query(
-                "SELECT gid FROM pg_catalog.pg_prepared_xacts "
-                "WHERE gid LIKE 'orochi\\_%' AND database = current_database()"
+                "SELECT gid, database FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE 'orochi\\_%'"
             )
-            prepared[node.node_id] = [r[0].decode() for r in rows]  # type: ignore[union-attr]
+            prepared[node.node_id] = [(r[0].decode(), r[1].decode()) for r in rows]  # type: ignore[union-attr]
         except PgError:
             reachable_all = False
         finally:
@@ -106,12 +109,12 @@ async def recover(server: ProxyServer) -> int:
     checker = await asyncpg.connect(**server.catalog._connect_kwargs)
     resolved = 0
     try:
-        by_coordinator: dict[int, list[tuple[int, str, str]]] = defaultdict(list)
-        for node_id, gids in prepared.items():
-            for gid in gids:
+        by_coordinator: dict[int, list[tuple[int, str, str, str]]] = defaultdict(list)
+        for node_id, items in prepared.items():
+            for gid, dbname in items:
                 parsed = parse_gid(gid)
                 if parsed is not None:
-                    by_coordinator[parsed[0]].append((node_id, gid, parsed[1]))
+                    by_coordinator[parsed[0]].append((node_id, gid, parsed[1], dbname))
         for coordinator, items in by_coordinator.items():
             own = coordinator == txlog.key
             locked = False
@@ -120,12 +123,12 @@ async def recover(server: ProxyServer) -> int:
                 if not locked:
                     continue  # a live coordinator is still working on these
             try:
-                for node_id, gid, base in items:
+                for node_id, gid, base, dbname in items:
                     if own and base in txlog.in_flight:
                         continue
                     decided = await checker.fetchval(f"SELECT 1 FROM {SCHEMA}.transactions WHERE gid = $1", base)
                     sql = f"{'COMMIT' if decided else 'ROLLBACK'} PREPARED '{gid}'"
-                    pool = server.node_pool(node_id, database)
+                    pool = server.node_pool(node_id, dbname)
                     try:
                         conn = await pool.acquire()
                     except PgError:
@@ -143,7 +146,7 @@ async def recover(server: ProxyServer) -> int:
                 if locked:
                     await checker.execute("SELECT pg_advisory_unlock($1)", LOCK_SPACE | coordinator)
         if reachable_all:
-            still = {parse_gid(g)[1] for gids in prepared.values() for g in gids if parse_gid(g)}  # type: ignore[index]
+            still = {parse_gid(g)[1] for items in prepared.values() for g, _db in items if parse_gid(g)}  # type: ignore[index]
             rows = await checker.fetch(
                 f"SELECT gid FROM {SCHEMA}.transactions WHERE decided_at < now() - interval '30 seconds'"
             )

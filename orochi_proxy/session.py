@@ -40,7 +40,15 @@ from executor.pool import NodePool
 from executor.protocol import PgError, ProtocolViolation
 from orochi_proxy import localexec
 from orochi_proxy.distsession import DistPortal, DistributedRunner, DistStatement
-from rewriter.intercept import AdminCall, Distributed, Passthrough
+from orochi_proxy.txcoordinator import TxCoordinator
+from rewriter.intercept import (
+    TX_WORDS,
+    AdminCall,
+    Distributed,
+    Passthrough,
+    TxControl,
+    classify_tx_control,
+)
 from rewriter.quoting import quote_literal
 
 if TYPE_CHECKING:
@@ -152,6 +160,11 @@ class Session:
         self.dist_statements: dict[str, DistStatement] = {}
         self.dist_portals: dict[str, DistPortal] = {}
         self.dist = DistributedRunner(self)
+        self.tx = TxCoordinator(self)  # the distributed side of the client's transaction block
+        # Prepared transaction-control statements (COMMIT, SAVEPOINT ...) and their portals: while
+        # a distributed transaction is open their Execute is run by the proxy (on the nodes too).
+        self.tx_statements: dict[str, TxControl] = {}
+        self.tx_portals: dict[str, TxControl] = {}
         self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
         self.copy_sink = None  # set while a proxy-run COPY FROM STDIN reads the client's data
         self._draining = False  # replaying the backlog (new messages queue behind it otherwise)
@@ -230,6 +243,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.tx.abandon()
         for entry in self.pending:
             if isinstance(entry, LocalAnswer) and entry.task is not None:
                 entry.task.cancel()
@@ -351,6 +365,11 @@ class Session:
             self.dist.invalidate_search_path()
         if (self.local_statements or self.dist_statements) and self._on_deallocate(payload):
             return
+        if self.tx.txn is not None and TX_WORDS.search(payload):
+            # Transaction control while nodes take part in the block: the proxy runs it.
+            sql = pg.decode_query(payload)
+            self._enqueue_task(lambda: self._run_simple_query(sql), extended=False)
+            return
         if not self.router.may_intercept(payload):
             self._passthrough_count.inc()
             self._forward(frame, K_QUERY)
@@ -407,6 +426,10 @@ class Session:
             self._enqueue_task(lambda: self.dist.describe_converted(converted), extended=True)
 
     def _on_parse(self, payload: bytes, frame: bytes) -> None:
+        if TX_WORDS.search(payload):
+            self._note_tx_statement(payload)
+        elif self.tx_statements:
+            self.tx_statements.pop(pg.read_cstr(payload, 0)[0], None)
         if not self.router.may_intercept(payload):
             if payload[:1] != b"\x00":
                 try:
@@ -472,12 +495,33 @@ class Session:
         self.local_statements[msg.name] = LocalStatement(action, oids)
         self._local_ready(pg.PARSE_COMPLETE)
 
+    def _note_tx_statement(self, payload: bytes) -> None:
+        """Remember whether a prepared statement is transaction control (see ``tx_statements``)."""
+        try:
+            msg = pg.decode_parse(payload)
+        except ProtocolViolation:
+            return  # the node reports the malformed message
+        tc = classify_tx_control(msg.sql)
+        if tc is None:
+            self.tx_statements.pop(msg.name, None)
+        else:
+            self.tx_statements[msg.name] = tc
+
     def _on_bind(self, payload: bytes, frame: bytes) -> None:
-        if not (self.local_statements or self.local_portals or self.dist_statements or self.dist_portals):
+        if not (
+            self.local_statements or self.local_portals or self.dist_statements or self.dist_portals
+            or self.tx_statements or self.tx_portals
+        ):
             self._forward(frame, K_BIND)
             return
         portal, pos = pg.read_cstr(payload, 0)
         stmt_name = pg.read_cstr(payload, pos)[0]
+        if self.tx_statements or self.tx_portals:
+            tc = self.tx_statements.get(stmt_name)
+            if tc is None:
+                self.tx_portals.pop(portal, None)
+            else:
+                self.tx_portals[portal] = tc
         ds = self.dist_statements.get(stmt_name)
         if ds is not None:
             self.local_portals.pop(portal, None)
@@ -531,11 +575,15 @@ class Session:
 
     def _on_execute(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
-        if not self.local_portals and not self.dist_portals:
+        if not self.local_portals and not self.dist_portals and not self.tx_portals:
             self._passthrough_count.inc()
             self._forward(frame, K_EXECUTE)
             return
         portal, max_rows = pg.decode_execute(payload)
+        tc = self.tx_portals.get(portal)
+        if tc is not None and self.tx.txn is not None:
+            self._enqueue_task(lambda: self.tx.control(tc, frame), extended=True)
+            return
         dp = self.dist_portals.get(portal)
         if dp is not None:
             self._enqueue_task(lambda: self.dist.execute_portal(dp, max_rows), extended=True)
@@ -578,6 +626,7 @@ class Session:
             return
         self.local_portals.pop("", None)  # the unnamed portal ends with the implicit transaction
         self.dist_portals.pop("", None)
+        self.tx_portals.pop("", None)
         if not self._unsynced and self.backend is not None:
             # Nothing went to the node since its last ReadyForQuery (the batch was answered by
             # the proxy): answer the Sync here, with the transaction status the node last gave.
@@ -768,6 +817,11 @@ class Session:
                     self.tx_status = buf[s + 5 : s + 6]
                     self._unsynced = False
                     self._observe_latency()
+                    if self.tx.txn is not None and self.tx_status == pg.TX_IDLE:
+                        # The block ended by a path the proxy did not run (it should not
+                        # happen): the nodes' part must not stay open.
+                        log.warning("transaction block ended on the metadata node; rolling back its node transactions")
+                        self.tx.abandon()
             elif t == _ERR:
                 self.metrics.errors.labels(_sqlstate_of(buf[s:e])).inc()
                 self._copy_in_extended = False  # an error ends COPY mode on the node
@@ -826,14 +880,23 @@ class Session:
 
         Answers are written as each statement finishes (this runs at the head of the ordered
         answers, so direct writes keep the order); the first error ends the Query, as in
-        PostgreSQL.
+        PostgreSQL. Several statements with a distributed write among them run as one implicit
+        transaction, as PostgreSQL runs a multi-statement Query: a later error undoes the
+        earlier statements on every node.
         """
         if not sql.strip():
             return pg.EMPTY_QUERY_RESPONSE + pg.ready_for_query(self.tx_status), False
         try:
-            actions = _merge_passthrough(self.router.analyze(sql))
+            actions = _merge_passthrough(self.router.analyze(sql, tx_control=True))
         except PgError as exc:
             return exc.to_message() + pg.ready_for_query(self.tx_status), False
+        implicit = self.tx_status == pg.TX_IDLE and _needs_implicit_block(actions)
+        if implicit:
+            msgs = await self._collect_from_backend(pg.query("BEGIN"))
+            if any(t == _ERR for t, _ in msgs):
+                body = b"".join(pg.message(bytes([t]), p) for t, p in msgs if t != _READY)
+                return body + pg.ready_for_query(self.tx_status), False
+        failed = False
         for action in actions:
             try:
                 if isinstance(action, Passthrough):
@@ -842,6 +905,13 @@ class Session:
                     body = [m for m in msgs if m[0] != _READY]
                     self.client.write(b"".join(pg.message(bytes([t]), p) for t, p in body))
                     if any(t == _ERR for t, _ in body):
+                        failed = True
+                        break
+                elif isinstance(action, TxControl):
+                    data, error = await self.tx.control(action, None)
+                    self.client.write(data)
+                    if error:
+                        failed = True
                         break
                 elif isinstance(action, Distributed):
                     await self.dist.run_simple(action)
@@ -851,7 +921,13 @@ class Session:
             except PgError as exc:
                 self.metrics.errors.labels(exc.sqlstate).inc()
                 self.client.write(exc.to_message())
+                failed = True
                 break
+        if implicit:
+            end = TxControl("rollback" if failed else "commit", "ROLLBACK" if failed else "COMMIT")
+            data, error = await self.tx.control(end, None)
+            if error:
+                self.client.write(data)  # the implicit COMMIT failed: its error ends the Query
         return pg.ready_for_query(self.tx_status), False
 
     async def _run_deallocate(self, name: str) -> tuple[bytes, bool]:
@@ -875,14 +951,14 @@ class Session:
         lp.done = True
         return data, False
 
-    async def _collect_until(self, data: bytes, stop: tuple[int, ...]) -> list[tuple[int, bytes]]:
-        """Send messages ending in Flush and collect answers up to one of ``stop`` types."""
+    async def _collect_until(self, data: bytes, stop: tuple[int, ...], count: int = 1) -> list[tuple[int, bytes]]:
+        """Send messages ending in Flush and collect answers up to the count-th of ``stop`` types."""
         backend = self.backend
         if backend is None:
             raise node_unavailable("metadata", "no backend connection")
         backend.consumer = None
         try:
-            return await backend.exchange(data, until=stop)
+            return await backend.exchange(data, until=stop, count=count)
         finally:
             if not backend.closed:
                 backend.consumer = self
@@ -923,6 +999,24 @@ def _merge_passthrough(
         else:
             out.append(action)
     return out
+
+
+def _needs_implicit_block(actions: list[Passthrough | AdminCall | Distributed | TxControl]) -> bool:
+    """Several statements, a distributed write among them, nothing that cannot run in a block."""
+    from pglast import ast
+
+    if len(actions) < 2:
+        return False
+    writes = False
+    for a in actions:
+        if isinstance(a, TxControl | AdminCall):
+            return False
+        if isinstance(a, Distributed):
+            if isinstance(a.stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+                writes = True
+            elif not isinstance(a.stmt, ast.SelectStmt):
+                return False  # DDL, COPY: they run outside blocks with their own commit
+    return writes
 
 
 def _sqlstate_of(error_message: bytes) -> str:

@@ -44,6 +44,45 @@ class Distributed:
 
 
 @dataclass(frozen=True, slots=True)
+class TxControl:
+    """A transaction-control statement, which the proxy must also apply to a distributed
+    transaction's node connections (``orochi_proxy.txcoordinator``)."""
+
+    kind: str  # begin | commit | rollback | savepoint | release | rollback_to | prepare | set_local
+    sql: str
+    savepoint: str | None = None
+    chain: bool = False  # COMMIT/ROLLBACK AND CHAIN
+
+
+_TX_KINDS = {0: "begin", 1: "begin", 2: "commit", 3: "rollback", 4: "savepoint", 5: "release", 6: "rollback_to", 7: "prepare"}
+
+# Cheap pre-check on raw bytes: only texts with one of these words can be transaction control.
+TX_WORDS = re.compile(rb"(?i)\b(?:commit|end|rollback|abort|savepoint|release|prepare|local)\b")
+
+
+def tx_control_of(stmt: ast.Node, text: str) -> TxControl | None:
+    if isinstance(stmt, ast.TransactionStmt):
+        kind = _TX_KINDS.get(int(stmt.kind))
+        if kind is None:
+            return None  # COMMIT/ROLLBACK PREPARED: ordinary statements for the node
+        return TxControl(kind, text, stmt.savepoint_name, bool(stmt.chain))
+    if isinstance(stmt, ast.VariableSetStmt) and stmt.is_local:
+        return TxControl("set_local", text)
+    return None
+
+
+def classify_tx_control(sql: str) -> TxControl | None:
+    """The transaction control of a one-statement text (a Parse), or None."""
+    try:
+        stmts = parse_sql(sql)
+    except ParseError:
+        return None
+    if len(stmts) != 1:
+        return None
+    return tx_control_of(stmts[0].stmt, sql)
+
+
+@dataclass(frozen=True, slots=True)
 class Const:
     """A literal argument, as PostgreSQL's text representation (None for NULL)."""
 
@@ -130,17 +169,25 @@ class Interceptor:
             return False
         return self._pattern.search(data) is not None
 
-    def analyze(self, sql: str) -> list[Passthrough | AdminCall | Distributed]:
+    def analyze(self, sql: str, *, tx_control: bool = False) -> list[Passthrough | AdminCall | Distributed | TxControl]:
+        """Per statement what to do; with ``tx_control``, transaction control is reported too."""
         try:
             raw_stmts = parse_sql(sql)
         except ParseError:
             return [Passthrough(sql)]
-        out: list[Passthrough | AdminCall | Distributed] = []
+        out: list[Passthrough | AdminCall | Distributed | TxControl] = []
         for raw in raw_stmts:
             start = raw.stmt_location or 0
             text = sql[start : start + raw.stmt_len] if raw.stmt_len else sql[start:]
-            out.append(self._analyze_one(raw, text))
+            tc = tx_control_of(raw.stmt, text) if tx_control else None
+            out.append(tc if tc is not None else self._analyze_one(raw, text))
         return out
+
+    def contains_tx_control(self, sql: str) -> bool:
+        try:
+            return any(tx_control_of(r.stmt, "") is not None for r in parse_sql(sql))
+        except ParseError:
+            return False
 
     def _analyze_one(self, raw: ast.RawStmt, text: str) -> Passthrough | AdminCall | Distributed:
         finder = _Finder(self.functions, self.views)

@@ -1,0 +1,345 @@
+"""Distributed transactions through the proxy: BEGIN ... COMMIT across nodes, checked on the nodes.
+
+Each test writes through the proxy inside a transaction block and then checks what PostgreSQL
+holds on every node directly (shard tables, ``pg_prepared_xacts``): a proxy reading back its own
+writes could not tell a half-committed transaction from a whole one.
+
+Tables are named ``tx_*`` (unique to this module) and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from proxyproc import ProxyProcess
+
+from orochi_proxy.localcluster import LocalCluster
+
+SHARDS = 8
+ROWS = 40  # ids 0..39 hit every shard, and so every node
+
+
+class Env:
+    def __init__(self, proxy: ProxyProcess, cluster: LocalCluster) -> None:
+        self.proxy = proxy
+        self.cluster = cluster
+        self.admin = psycopg.connect(proxy.dsn(), autocommit=True)
+        self.nodes = [psycopg.connect(n.dsn(), autocommit=True) for n in cluster.nodes]
+
+    def connect(self, **kw: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.proxy.dsn(), **kw)
+
+    def q(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = self.admin.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
+    def node_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of ``table``'s shards, read on the nodes directly (not through the proxy)."""
+        shards = self.q(
+            "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = %s", (f"public.{table}",)
+        )
+        ports = {n.port: c for n, c in zip(self.cluster.nodes, self.nodes, strict=True)}
+        rows: list[tuple[Any, ...]] = []
+        for shard, port in shards:
+            rows += ports[int(port)].execute(f"SELECT * FROM {shard}").fetchall()
+        return sorted(rows)
+
+    def prepared(self) -> list[str]:
+        out: list[str] = []
+        for c in self.nodes:
+            out += [r[0] for r in c.execute("SELECT gid FROM pg_prepared_xacts").fetchall()]
+        return out
+
+    def table(self, name: str, *, reference: bool = False) -> str:
+        self.admin.execute(f"DROP TABLE IF EXISTS {name}")
+        self.admin.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+        if reference:
+            self.q(f"SELECT create_reference_table('{name}')")
+        else:
+            self.q(f"SELECT create_distributed_table('{name}', 'id', shard_count => {SHARDS})")
+        return name
+
+
+@pytest.fixture(scope="module")
+def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
+    e = Env(proxy, cluster)
+    for n in cluster.nodes:
+        e.admin.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+    try:
+        yield e
+    finally:
+        for (name,) in e.q("SELECT table_name FROM citus_tables WHERE table_name LIKE 'public.tx\\_%'"):
+            e.admin.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+        e.admin.execute("DROP TABLE IF EXISTS tx_local")
+        e.admin.close()
+        for c in e.nodes:
+            c.close()
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    return getattr(exc, "sqlstate", None)
+
+
+# ------------------------------------------------------------------------------ commit / rollback
+def test_commit_makes_writes_on_every_node_visible_together(env: Env) -> None:
+    t = env.table("tx_commit")
+    with env.connect() as conn, env.connect(autocommit=True) as other:
+        for i in range(ROWS):
+            conn.execute(f"INSERT INTO {t} VALUES (%s, %s)", (i, i * 10))
+        conn.execute(f"UPDATE {t} SET v = v + 1 WHERE id < 5")
+        # The block sees its own writes on every node (multi-shard aggregate and router reads).
+        assert conn.execute(f"SELECT count(*), sum(v) FROM {t}").fetchone() == (ROWS, sum(i * 10 for i in range(ROWS)) + 5)
+        assert conn.execute(f"SELECT v FROM {t} WHERE id = 3").fetchone() == (31,)
+        # Nobody else does, before COMMIT.
+        assert other.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        assert env.node_rows(t) == []
+        conn.commit()
+        assert other.execute(f"SELECT count(*) FROM {t}").fetchone() == (ROWS,)
+    assert env.node_rows(t) == sorted((i, i * 10 + (1 if i < 5 else 0)) for i in range(ROWS))
+    assert env.prepared() == []
+
+
+def test_rollback_undoes_writes_on_every_node(env: Env) -> None:
+    t = env.table("tx_rollback")
+    env.admin.execute(f"INSERT INTO {t} VALUES (1, 1), (2, 2)")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} SELECT g, g FROM generate_series(3, {ROWS}) g")
+        conn.execute(f"DELETE FROM {t} WHERE id = 1")
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (ROWS - 1,)
+        conn.rollback()
+        assert conn.execute(f"SELECT id FROM {t} ORDER BY id").fetchall() == [(1,), (2,)]
+    assert env.node_rows(t) == [(1, 1), (2, 2)]
+    assert env.prepared() == []
+
+
+def test_local_and_distributed_writes_commit_and_roll_back_together(env: Env) -> None:
+    t = env.table("tx_mixed")
+    env.admin.execute("DROP TABLE IF EXISTS tx_local")
+    env.admin.execute(
+        "CREATE TABLE tx_local (id int PRIMARY KEY, ref int, "
+        "CONSTRAINT tx_local_ref_positive CHECK (ref > 0) NOT DEFERRABLE)"
+    )
+    with env.connect() as conn:
+        conn.execute("INSERT INTO tx_local VALUES (1, 1)")
+        conn.execute(f"INSERT INTO {t} SELECT g, g FROM generate_series(0, {ROWS - 1}) g")
+        conn.commit()
+    assert env.q("SELECT count(*) FROM tx_local") == [(1,)]
+    assert len(env.node_rows(t)) == ROWS
+    # A failure on the metadata node's side after the distributed writes undoes them too.
+    with env.connect() as conn:
+        conn.execute(f"DELETE FROM {t}")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("INSERT INTO tx_local VALUES (2, -1)")
+        conn.rollback()
+    assert len(env.node_rows(t)) == ROWS
+    assert env.prepared() == []
+
+
+def test_deferred_failure_at_commit_rolls_back_the_nodes(env: Env) -> None:
+    """COMMIT fails on the metadata node (a deferred constraint): no node keeps its writes."""
+    t = env.table("tx_deferred")
+    env.admin.execute("DROP TABLE IF EXISTS tx_parent, tx_child")
+    env.admin.execute("CREATE TABLE tx_parent (id int PRIMARY KEY)")
+    env.admin.execute(
+        "CREATE TABLE tx_child (id int PRIMARY KEY, parent int REFERENCES tx_parent DEFERRABLE INITIALLY DEFERRED)"
+    )
+    try:
+        with env.connect() as conn:
+            conn.execute(f"INSERT INTO {t} SELECT g, g FROM generate_series(0, {ROWS - 1}) g")
+            conn.execute("INSERT INTO tx_child VALUES (1, 42)")  # no parent 42: fails at COMMIT
+            with pytest.raises(psycopg.errors.ForeignKeyViolation):
+                conn.commit()
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        assert env.node_rows(t) == []
+        assert env.prepared() == []
+    finally:
+        env.admin.execute("DROP TABLE IF EXISTS tx_parent, tx_child")
+
+
+# ------------------------------------------------------------------------------ errors in a block
+def test_error_in_block_fails_the_block_until_rollback(env: Env) -> None:
+    t = env.table("tx_error")
+    env.admin.execute(f"INSERT INTO {t} VALUES (1, 1)")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} VALUES (2, 2), (3, 3)")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"INSERT INTO {t} VALUES (1, 5)")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        for sql in (f"SELECT count(*) FROM {t}", "SELECT 1", f"INSERT INTO {t} VALUES (9, 9)"):
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute(sql)
+        conn.rollback()
+        assert conn.execute(f"SELECT id FROM {t} ORDER BY id").fetchall() == [(1,)]
+    assert env.node_rows(t) == [(1, 1)]
+
+
+def test_commit_of_a_failed_block_rolls_back(env: Env) -> None:
+    t = env.table("tx_failed_commit")
+    with env.connect(autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute(f"INSERT INTO {t} SELECT g, g FROM generate_series(0, {ROWS - 1}) g")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute(f"SELECT 1 / (v - v) FROM {t} WHERE id = 3")
+        cur = conn.execute("COMMIT")
+        assert cur.statusmessage == "ROLLBACK"
+    assert env.node_rows(t) == []
+    assert env.prepared() == []
+
+
+# ------------------------------------------------------------------------------ savepoints
+def test_savepoints_roll_back_on_every_node(env: Env) -> None:
+    t = env.table("tx_savepoint")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} SELECT g, 1 FROM generate_series(0, 9) g")
+        conn.execute("SAVEPOINT a")
+        conn.execute(f"INSERT INTO {t} SELECT g, 2 FROM generate_series(10, 19) g")
+        conn.execute(f"UPDATE {t} SET v = 100 WHERE id < 10")
+        conn.execute("SAVEPOINT b")
+        conn.execute(f"DELETE FROM {t}")
+        conn.execute("ROLLBACK TO SAVEPOINT b")
+        assert conn.execute(f"SELECT count(*), sum(v) FROM {t}").fetchone() == (20, 1020)
+        conn.execute("ROLLBACK TO a")
+        assert conn.execute(f"SELECT count(*), sum(v) FROM {t}").fetchone() == (10, 10)
+        conn.execute("RELEASE SAVEPOINT a")
+        conn.execute(f"INSERT INTO {t} VALUES (30, 3)")
+        conn.commit()
+    assert env.node_rows(t) == sorted([(i, 1) for i in range(10)] + [(30, 3)])
+
+
+def test_savepoint_before_the_first_distributed_statement(env: Env) -> None:
+    """Nodes that join after a savepoint roll back entirely to it."""
+    t = env.table("tx_early_savepoint")
+    with env.connect() as conn:
+        conn.execute("SAVEPOINT early")
+        conn.execute(f"INSERT INTO {t} SELECT g, g FROM generate_series(0, {ROWS - 1}) g")
+        conn.execute("ROLLBACK TO SAVEPOINT early")
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        conn.execute(f"INSERT INTO {t} VALUES (7, 7)")
+        conn.commit()
+    assert env.node_rows(t) == [(7, 7)]
+
+
+def test_rollback_to_savepoint_recovers_from_an_error(env: Env) -> None:
+    t = env.table("tx_sp_error")
+    env.admin.execute(f"INSERT INTO {t} VALUES (1, 1)")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} VALUES (2, 2)")
+        conn.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"INSERT INTO {t} VALUES (3, 3), (1, 1)")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute(f"SELECT * FROM {t}")
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        conn.execute(f"INSERT INTO {t} VALUES (4, 4)")
+        conn.commit()
+    assert env.node_rows(t) == [(1, 1), (2, 2), (4, 4)]
+    assert env.prepared() == []
+
+
+def test_unknown_savepoint_is_reported_like_postgres(env: Env) -> None:
+    t = env.table("tx_sp_unknown")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} VALUES (1, 1)")
+        with pytest.raises(psycopg.errors.InvalidSavepointSpecification):
+            conn.execute("ROLLBACK TO SAVEPOINT nope")
+        conn.rollback()
+    assert env.node_rows(t) == []
+
+
+# ------------------------------------------------------------------------------ isolation, options
+def test_read_only_block_refuses_writes(env: Env) -> None:
+    t = env.table("tx_read_only")
+    with env.connect(autocommit=True) as conn:
+        conn.execute("BEGIN READ ONLY")
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute(f"INSERT INTO {t} VALUES (1, 1)")
+        conn.execute("ROLLBACK")
+    assert env.node_rows(t) == []
+
+
+def test_repeatable_read_keeps_the_snapshot_of_each_node(env: Env) -> None:
+    t = env.table("tx_rr")
+    env.admin.execute(f"INSERT INTO {t} SELECT g, 1 FROM generate_series(0, {ROWS - 1}) g")
+    with env.connect(autocommit=True) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        assert conn.execute(f"SELECT sum(v) FROM {t}").fetchone() == (ROWS,)
+        env.admin.execute(f"UPDATE {t} SET v = 2")
+        assert conn.execute(f"SELECT sum(v) FROM {t}").fetchone() == (ROWS,), "snapshot kept on every node"
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            conn.execute(f"UPDATE {t} SET v = 3 WHERE id = 1")
+        conn.execute("ROLLBACK")
+    assert env.q(f"SELECT sum(v) FROM {t}") == [(2 * ROWS,)]
+
+
+def test_distributed_deadlock_ends_by_lock_timeout(env: Env) -> None:
+    """Two blocks lock rows on two nodes in opposite orders: no node sees a deadlock, the lock
+    timeout ends the wait, and the other block commits."""
+    t = env.table("tx_deadlock")
+    # Two ids on different nodes.
+    placement = {}
+    for i in range(ROWS):
+        shard = env.q(f"SELECT get_shard_id_for_distribution_column('{t}', {i})")[0][0]
+        port = env.q("SELECT nodeport FROM citus_shards WHERE shardid = %s", (shard,))[0][0]
+        placement.setdefault(port, i)
+    a, b = list(placement.values())[:2]
+    env.admin.execute(f"INSERT INTO {t} VALUES ({a}, 0), ({b}, 0)")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def worker(first: int, second: int) -> None:
+        try:
+            with env.connect() as conn:
+                conn.execute("SET lock_timeout = '1s'")
+                conn.execute(f"UPDATE {t} SET v = v + 1 WHERE id = %s", (first,))
+                barrier.wait()
+                conn.execute(f"UPDATE {t} SET v = v + 1 WHERE id = %s", (second,))
+                conn.commit()
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=args) for args in ((a, b), (b, a))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert not any(th.is_alive() for th in threads), "a distributed deadlock must not hang"
+    assert time.monotonic() - started < 15
+    assert errors and all(sqlstate(e) == "55P03" for e in errors), errors
+    total = sum(v for _, v in env.node_rows(t))
+    assert total == 2 * (2 - len(errors)), "the block that was not cancelled committed both updates"
+
+
+# ------------------------------------------------------------------------------ implicit blocks
+def test_multi_statement_query_is_one_transaction(env: Env) -> None:
+    t = env.table("tx_multi")
+    with env.connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"INSERT INTO {t} VALUES (1, 1); INSERT INTO {t} VALUES (2, 2), (3, 3); INSERT INTO {t} VALUES (1, 3)")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        conn.execute(f"INSERT INTO {t} VALUES (1, 1); UPDATE {t} SET v = 5 WHERE id = 1; INSERT INTO {t} VALUES (2, 2)")
+    assert env.node_rows(t) == [(1, 5), (2, 2)]
+    assert env.prepared() == []
+
+
+def test_reference_table_writes_in_a_block(env: Env) -> None:
+    t = env.table("tx_ref", reference=True)
+    d = env.table("tx_ref_dist")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} VALUES (1, 10), (2, 20)")
+        conn.execute(f"INSERT INTO {d} SELECT g, g FROM generate_series(0, 9) g")
+        assert conn.execute(f"SELECT sum(r.v) FROM {d} d JOIN {t} r ON r.id = d.v").fetchone() == (30,)
+        conn.commit()
+    for c in env.nodes:
+        assert c.execute(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'tx\\_ref\\_%' AND relname NOT LIKE 'tx\\_ref\\_dist%'"
+        ).fetchone()[0] >= 1
+    assert env.q(f"SELECT id, v FROM {t} ORDER BY id") == [(1, 10), (2, 20)]
+    assert env.prepared() == []
