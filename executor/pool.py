@@ -60,6 +60,19 @@ class NodePool:
         if self._on_change is not None:
             self._on_change(self)
 
+    def acquire_nowait(self) -> BackendConnection | None:
+        """An idle ready connection, or None (then :meth:`acquire` must wait or connect)."""
+        if self._closed or self._waiters:
+            return None  # never overtake a client already waiting
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:
+                self.in_use += 1
+                self._changed()
+                return conn
+            self.open_count -= 1
+        return None
+
     async def acquire(self) -> BackendConnection:
         """A ready connection: an idle one, a new one while under ``size``, or wait for one."""
         if self._closed:
@@ -187,11 +200,14 @@ class PoolManager:
 
     def __init__(self, settings: PoolSettings, on_change: Callable[[NodePool], None] | None = None):
         self.settings = settings
-        self._pools: dict[tuple[str, int, str], NodePool] = {}
+        self._pools: dict[tuple[str, int, str, str], NodePool] = {}
         self._on_change = on_change
 
-    def pool(self, host: str, port: int, database: str, node_name: str = "") -> NodePool:
-        key = (host, port, database)
+    def pool(self, host: str, port: int, database: str, node_name: str = "", purpose: str = "") -> NodePool:
+        """The pool for (node, database, purpose): client sessions and node work use separate
+        pools, so a session holding its connection in a transaction never waits for its own
+        pool's last connection to run a shard statement on the same node (a pool deadlock)."""
+        key = (host, port, database, purpose)
         p = self._pools.get(key)
         if p is None:
             p = NodePool(host, port, database, self.settings, node_name, self._on_change)

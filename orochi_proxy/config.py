@@ -13,6 +13,7 @@ Example file::
     auth = "scram-sha-256"                 # or "trust"
     metrics_port = 9187                    # 0 disables the Prometheus endpoint
     startup_timeout = 60.0                 # seconds from connect to ReadyForQuery
+    pool_mode = "session"                  # or "transaction": node connections shared between transactions
 
     [users]                                # client users of the proxy: name = password
     app = "secret"                         # (or a SCRAM verifier "SCRAM-SHA-256$...")
@@ -58,6 +59,10 @@ class ServerSettings:
     # Seconds a client may take from connect to ReadyForQuery (PostgreSQL's
     # authentication_timeout): a client that never finishes start-up must not hold a slot.
     startup_timeout: float = 60.0
+    # "session": a client keeps one metadata-node connection from start-up to exit.
+    # "transaction": only inside a transaction; between them it serves other clients
+    # (orochi_proxy.txpool says what is reproduced and what pins a session).
+    pool_mode: str = "session"
 
 
 @dataclass
@@ -166,6 +171,8 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError("[server] auth = 'scram-sha-256' needs at least one entry in [users]")
     if not cfg.server.startup_timeout > 0:
         raise ConfigError(f"[server] startup_timeout must be > 0 seconds, not {cfg.server.startup_timeout!r}")
+    if cfg.server.pool_mode not in ("session", "transaction"):
+        raise ConfigError(f"[server] pool_mode must be 'session' or 'transaction', not {cfg.server.pool_mode!r}")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("[server] tls_cert and tls_key must be set together")
     return cfg

@@ -536,6 +536,11 @@ class ProxyServer:
         node = self.catalog.node(node_id)
         return self.pools.pool(node.host, node.port, database, node.address)
 
+    def session_pool(self, database: str) -> NodePool:
+        """Metadata-node connections that client sessions hold (see PoolManager.pool)."""
+        md = self.config.metadata
+        return self.pools.pool(md.host, md.port, database, f"{md.host}:{md.port}", purpose="session")
+
     def metadata_pool(self, database: str) -> NodePool:
         md = self.config.metadata
         return self.pools.pool(md.host, md.port, database, f"{md.host}:{md.port}")
@@ -562,10 +567,12 @@ class ProxyServer:
         conn.close()
 
     def _pool_changed(self, pool: NodePool) -> None:
+        # Per node: a node has a pool per database and purpose (sessions, shard statements).
         m = self.metrics
-        m.backend_pool_in_use.labels(pool.node_name).set(pool.in_use)
-        m.backend_pool_open.labels(pool.node_name).set(pool.open_count)
-        m.backend_pool_waiting.labels(pool.node_name).set(pool.waiting)
+        same = [p for p in self.pools.pools() if p.node_name == pool.node_name]
+        m.backend_pool_in_use.labels(pool.node_name).set(sum(p.in_use for p in same))
+        m.backend_pool_open.labels(pool.node_name).set(sum(p.open_count for p in same))
+        m.backend_pool_waiting.labels(pool.node_name).set(sum(p.waiting for p in same))
 
 
 def install_uvloop() -> bool:

@@ -38,7 +38,7 @@ from executor import protocol as pg
 from executor.backend import BackendConnection, node_unavailable
 from executor.pool import NodePool
 from executor.protocol import PgError, ProtocolViolation
-from orochi_proxy import localexec
+from orochi_proxy import localexec, txpool
 from orochi_proxy.distsession import DistPortal, DistributedRunner, DistStatement
 from orochi_proxy.txcoordinator import TxCoordinator
 from rewriter.intercept import (
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # Kinds of forwarded messages and the backend message types that complete their answer.
 K_PARSE, K_BIND, K_CLOSE, K_DESCRIBE, K_EXECUTE, K_SYNC, K_QUERY = range(7)
+# Transaction pooling: a Close/Parse the proxy slips in to prepare a client's statement on the
+# connection now serving it; its answer is not the client's and is cut out of the relay.
+K_HIDDEN_CLOSE, K_HIDDEN_PARSE = 7, 8
 _COMPLETES: tuple[frozenset[int], ...] = (
     frozenset(b"1"),
     frozenset(b"2"),
@@ -66,6 +69,8 @@ _COMPLETES: tuple[frozenset[int], ...] = (
     frozenset(b"CIs"),
     frozenset(b"Z"),
     frozenset(b"Z"),
+    frozenset(b"3"),
+    frozenset(b"1"),
 )
 _Z_TERMINATED = (K_SYNC, K_QUERY)
 # Messages whose body the proxy may decode, and the kind of answer each gets when forwarded.
@@ -165,6 +170,16 @@ class Session:
         # a distributed transaction is open their Execute is run by the proxy (on the nodes too).
         self.tx_statements: dict[str, TxControl] = {}
         self.tx_portals: dict[str, TxControl] = {}
+        # Transaction pooling (orochi_proxy.txpool): the metadata-node connection is attached
+        # only while needed; settings and named statements follow the client.
+        self.txn_pooling = server.config.server.pool_mode == "transaction"
+        self.client_settings: dict[str, str] = {}
+        self.startup_settings: dict[str, str] = {}
+        self.client_statements: dict[str, tuple[str, bytes]] = {}  # name -> (node-side name, its Parse)
+        self._pinned = False  # state the proxy cannot reproduce: keep this connection
+        self._new_parses: list[str] = []  # node-side names prepared since the last ReadyForQuery
+        self._pending_sets: list[tuple[str, str | None]] | None = None  # SETs awaiting success
+        self._query_failed = False
         self.reported: dict[str, str] = {}  # ParameterStatus values the node reported to us
         self.copy_sink = None  # set while a proxy-run COPY FROM STDIN reads the client's data
         self._draining = False  # replaying the backlog (new messages queue behind it otherwise)
@@ -213,13 +228,13 @@ class Session:
         this coroutine can give the connection back. Storing it on ``self`` first leaked it, and
         leaked connections wedged the pool for every later client.
         """
-        self.pool = pool = self.server.metadata_pool(self.database)
+        self.pool = pool = self.server.session_pool(self.database)
+        settings = [(k, v) for k, v in self.startup_params.items() if k not in _NOT_SETTINGS]
+        settings += _parse_options(self.startup_params.get("options", ""))
+        if self.txn_pooling:
+            return await self._start_pooled(pool, settings)
         backend = await pool.acquire()
         try:
-            settings = [
-                (k, v) for k, v in self.startup_params.items() if k not in _NOT_SETTINGS
-            ]
-            settings += _parse_options(self.startup_params.get("options", ""))
             if settings:
                 sql = "; ".join(
                     f"SELECT pg_catalog.set_config({quote_literal(k)}, {quote_literal(v)}, false)" for k, v in settings
@@ -237,6 +252,152 @@ class Session:
         if self.server.config.server.server_version:
             params["server_version"] = self.server.config.server.server_version
         return params
+
+    async def _start_pooled(self, pool: NodePool, settings: list[tuple[str, str]]) -> dict[str, str]:
+        """Transaction pooling: borrow a connection to learn the parameters, then give it back."""
+        self.startup_settings = {k.lower(): v for k, v in settings}
+        self.client_settings = dict(self.startup_settings)
+        backend = await pool.acquire()
+        try:
+            await self._apply_client_settings(backend)
+            if self.closed:
+                raise PgError("08003", "the client closed the connection during start-up")
+        except BaseException:
+            pool.release(backend)
+            raise
+        params = dict(backend.parameters)
+        self.reported = dict(params)
+        pool.release(backend, reset=False)
+        if self.server.config.server.server_version:
+            params["server_version"] = self.server.config.server.server_version
+        return params
+
+    async def _apply_client_settings(self, conn: BackendConnection) -> None:
+        applied: dict[str, str] = conn.__dict__.get("applied_settings", {})
+        sql, new = txpool.settings_sql(applied, self.client_settings)
+        if sql:
+            await conn.simple_query(sql)
+        conn.__dict__["applied_settings"] = new
+
+    # ------------------------------------------------------------------ transaction pooling
+    def _attach_nowait(self) -> bool:
+        """Attach an idle connection whose settings already match (the common case) at once.
+
+        False: a task is attaching one (waiting for the pool, or applying settings).
+        """
+        assert self.pool is not None
+        conn = self.pool.acquire_nowait()
+        if conn is not None:
+            sql, _ = txpool.settings_sql(conn.__dict__.get("applied_settings", {}), self.client_settings)
+            if not sql:
+                self.backend = conn
+                conn.consumer = self
+                return True
+        self._start_attach(conn)
+        return False
+
+    def _start_attach(self, conn: BackendConnection | None = None) -> None:
+        """Attach a connection in a task; client messages wait in the backlog meanwhile."""
+        self.blocked += 1
+        asyncio.get_running_loop().create_task(self._attach_task(conn))
+
+    async def _attach_task(self, conn: BackendConnection | None) -> None:
+        try:
+            await self._attach(conn)
+        except (PgError, OSError) as exc:
+            err = exc if isinstance(exc, PgError) else node_unavailable("metadata", str(exc))
+            self.client.fail(PgError(err.sqlstate, err.message, "FATAL", hint=err.hint))
+            return
+        finally:
+            self.blocked -= 1
+        if not self.closed:
+            self._drain_backlog()
+
+    async def _attach(self, conn: BackendConnection | None = None) -> BackendConnection:
+        assert self.pool is not None
+        pool = self.pool
+        if conn is None:
+            conn = await pool.acquire()
+        try:
+            await self._apply_client_settings(conn)
+        except BaseException:
+            pool.release(conn, reset=True)
+            raise
+        if self.closed:
+            pool.release(conn, reset=False)
+            raise PgError("08003", "the client closed the connection")
+        self.backend = conn
+        conn.consumer = self
+        return conn
+
+    def _maybe_detach(self) -> None:
+        """Between transactions, give the metadata-node connection back to the pool."""
+        backend = self.backend
+        if (
+            backend is None
+            or self.pending
+            or self._unsynced
+            or self.blocked
+            or self.backlog
+            or self._pinned
+            or self.tx_status != pg.TX_IDLE
+            or self.tx.txn is not None
+            or self.copy_sink is not None
+            or self._copy_in_extended
+            or self.closed
+            or backend.consumer is not self
+        ):
+            return
+        self.backend = None
+        assert self.pool is not None
+        self.pool.release(backend, reset=False)
+
+    def _note_pooled_query(self, payload: bytes) -> None:
+        """Settings and session state in a simple Query (transaction pooling)."""
+        if txpool.PINNING.search(payload):
+            self._pinned = True
+        elif txpool.SET_WORDS.match(payload):
+            sets = txpool.parse_set(pg.decode_query(payload))
+            if sets is None:
+                self._pinned = True
+            else:
+                self._pending_sets = sets
+
+    def _apply_sets(self, sets: list[tuple[str, str | None]]) -> None:
+        applied = self.backend.__dict__.setdefault("applied_settings", {}) if self.backend is not None else {}
+        for name, value in sets:
+            if name == "*":
+                self.client_settings = dict(self.startup_settings)
+                applied.clear()
+                applied.update(self.startup_settings)
+            elif value is None:
+                if name in self.startup_settings:
+                    self.client_settings[name] = self.startup_settings[name]
+                else:
+                    self.client_settings.pop(name, None)
+                for k in [k for k in applied if k.lower() == name]:
+                    del applied[k]
+                if name in self.startup_settings:
+                    applied[name] = self.startup_settings[name]
+            else:
+                self.client_settings[name] = value
+                applied[name] = value
+
+    def _statement_ref(self, name: str) -> str | None:
+        """The node-side name of a client's named statement, prepared on the connection first."""
+        entry = self.client_statements.get(name)
+        if entry is None:
+            return None
+        bname, parse_frame = entry
+        backend = self.backend
+        if backend is not None and bname not in backend.prepared:
+            # Close first: a Parse of a name the connection still has (an earlier batch's
+            # failure made us forget it) would fail with 42P05.
+            self._forward(pg.message(b"C", b"S" + pg.cstr(bname)), K_HIDDEN_CLOSE)
+            self._forward(parse_frame, K_HIDDEN_PARSE)
+            backend.prepared.add(bname)
+            self._new_parses.append(bname)
+        return bname
 
     def close(self) -> None:
         """The client went away: return the backend (reset) and cancel local work."""
@@ -297,6 +458,9 @@ class Session:
         if self.blocked or (self.backlog and not self._draining):
             # Behind a blocking answer, or behind messages waiting to be replayed: keep order.
             self.backlog.append((mtype, frame))
+            return
+        if self.backend is None and self.txn_pooling and mtype != 88 and not self._attach_nowait():  # 'X'
+            self.backlog.append((mtype, frame))  # replayed once the attaching task has a connection
             return
         if self.skipping:
             if mtype == 83:  # 'S' Sync ends the skip
@@ -361,9 +525,11 @@ class Session:
 
     def _on_query(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
+        if self.txn_pooling:
+            self._note_pooled_query(payload)
         if b"search_path" in payload:
             self.dist.invalidate_search_path()
-        if (self.local_statements or self.dist_statements) and self._on_deallocate(payload):
+        if (self.local_statements or self.dist_statements or self.txn_pooling) and self._on_deallocate(payload):
             return
         if self.tx.txn is not None and TX_WORDS.search(payload):
             # Transaction control while nodes take part in the block: the proxy runs it.
@@ -391,11 +557,25 @@ class Session:
         if raw is None or raw.upper() == b"ALL":
             self.local_statements.clear()
             self.dist_statements.clear()
+            if self.txn_pooling:
+                self.client_statements.clear()
+                if raw is not None:
+                    # The connection's statements are shared by other clients: only this
+                    # client's names go.
+                    self._enqueue_task(lambda: self._answer_tag("DEALLOCATE ALL"), extended=False)
+                    return True
+                if self.backend is not None:
+                    self.backend.prepared.clear()  # DISCARD ALL drops them on the node
+                    self.backend.__dict__.pop("applied_settings", None)
             return False
         if raw[:1] == b'"':
             name = raw[1:-1].replace(b'""', b'"').decode()
         else:
             name = raw.decode().lower()
+        if name in self.client_statements:
+            del self.client_statements[name]
+            self._enqueue_task(lambda: self._answer_tag("DEALLOCATE"), extended=False)
+            return True
         if name not in self.local_statements and name not in self.dist_statements:
             return False
         self._enqueue_task(lambda: self._run_deallocate(name), extended=False)
@@ -421,6 +601,7 @@ class Session:
                 ds = DistStatement(actions[0], oids)
                 self.dist_statements[name] = ds
                 del self.passthrough_statements[name]
+                self.client_statements.pop(name, None)
                 converted.append((name, ds))
         if converted:
             self._enqueue_task(lambda: self.dist.describe_converted(converted), extended=True)
@@ -430,6 +611,11 @@ class Session:
             self._note_tx_statement(payload)
         elif self.tx_statements:
             self.tx_statements.pop(pg.read_cstr(payload, 0)[0], None)
+        if self.txn_pooling:
+            if txpool.PINNING.search(payload) or txpool.SET_WORDS.match(payload, payload.find(b"\x00") + 1):
+                self._pinned = True  # SET, LISTEN ... through the extended protocol: not followed
+            elif txpool.DROPS_STATEMENTS.search(payload):
+                payload, frame = self._pooled_deallocate(payload, frame)
         if not self.router.may_intercept(payload):
             if payload[:1] != b"\x00":
                 try:
@@ -437,6 +623,9 @@ class Session:
                     self.passthrough_statements[msg.name] = (msg.sql, msg.param_oids)
                 except ProtocolViolation:
                     pass  # the node reports the malformed message
+                else:
+                    if self.txn_pooling and self._forward_named_parse(msg.name, payload):
+                        return
             if self.dist_statements and payload[:1] == b"\x00":
                 self.dist_statements.pop("", None)
             if self.local_statements:
@@ -495,6 +684,51 @@ class Session:
         self.local_statements[msg.name] = LocalStatement(action, oids)
         self._local_ready(pg.PARSE_COMPLETE)
 
+    def _pooled_deallocate(self, payload: bytes, frame: bytes) -> tuple[bytes, bytes]:
+        """DEALLOCATE / DISCARD prepared through the extended protocol (psycopg sends every
+        statement so): name the node-side statement, and forget what the connection loses."""
+        try:
+            msg = pg.decode_parse(payload)
+        except ProtocolViolation:
+            return payload, frame
+        m = _DEALLOCATE.fullmatch(msg.sql.encode() + b"\x00")
+        if m is None:
+            return payload, frame
+        raw = m.group("name")
+        backend = self.backend
+        if raw is None or raw.upper() == b"ALL":
+            self.client_statements.clear()
+            if backend is not None:
+                backend.prepared.clear()  # other clients prepare theirs again (Close + Parse)
+            return payload, frame
+        name = raw[1:-1].replace(b'""', b'"').decode() if raw[:1] == b'"' else raw.decode().lower()
+        entry = self.client_statements.pop(name, None)
+        if entry is None:
+            return payload, frame
+        if backend is not None:
+            backend.prepared.discard(entry[0])
+        new = pg.parse_message(msg.name, f'DEALLOCATE "{entry[0]}"', msg.param_oids)
+        return new[5:], new
+
+    def _forward_named_parse(self, name: str, payload: bytes) -> bool:
+        """Transaction pooling: prepare a named statement under its node-side name."""
+        if name in self.local_statements or name in self.dist_statements:
+            return False  # the usual checks (42P05) apply
+        nul = payload.index(b"\x00")
+        rest = payload[nul + 1 :]
+        bname = txpool.backend_name(rest, b"")
+        parse_frame = pg.message(b"P", pg.cstr(bname) + rest)
+        self.client_statements[name] = (bname, parse_frame)
+        backend = self.backend
+        if backend is not None and bname in backend.prepared:
+            self._local_ready(pg.PARSE_COMPLETE)
+            return True
+        self._forward(parse_frame, K_PARSE)
+        if backend is not None:
+            backend.prepared.add(bname)
+            self._new_parses.append(bname)
+        return True
+
     def _note_tx_statement(self, payload: bytes) -> None:
         """Remember whether a prepared statement is transaction control (see ``tx_statements``)."""
         try:
@@ -508,6 +742,13 @@ class Session:
             self.tx_statements[msg.name] = tc
 
     def _on_bind(self, payload: bytes, frame: bytes) -> None:
+        if self.client_statements:
+            portal, pos = pg.read_cstr(payload, 0)
+            stmt_name, pos2 = pg.read_cstr(payload, pos)
+            bname = self._statement_ref(stmt_name)
+            if bname is not None:
+                payload = pg.cstr(portal) + pg.cstr(bname) + payload[pos2:]
+                frame = pg.message(b"B", payload)
         if not (
             self.local_statements or self.local_portals or self.dist_statements or self.dist_portals
             or self.tx_statements or self.tx_portals
@@ -556,6 +797,11 @@ class Session:
         self._local_ready(pg.BIND_COMPLETE)
 
     def _on_describe(self, payload: bytes, frame: bytes) -> None:
+        if self.client_statements and payload[:1] == b"S":
+            bname = self._statement_ref(pg.read_cstr(payload, 1)[0])
+            if bname is not None:
+                payload = b"S" + pg.cstr(bname)
+                frame = pg.message(b"D", payload)
         if not (self.local_statements or self.local_portals or self.dist_statements or self.dist_portals):
             self._forward(frame, K_DESCRIBE)
             return
@@ -596,6 +842,12 @@ class Session:
         self._enqueue_task(lambda: self._run_local_portal(lp), extended=True)
 
     def _on_close(self, payload: bytes, frame: bytes) -> None:
+        if self.client_statements and payload[:1] == b"S":
+            name = pg.read_cstr(payload, 1)[0]
+            if self.client_statements.pop(name, None) is not None:
+                self.passthrough_statements.pop(name, None)
+                self._local_ready(pg.CLOSE_COMPLETE)  # the node-side statement stays, shared
+                return
         if not (
             self.local_statements or self.local_portals or self.dist_statements or self.dist_portals
             or self.passthrough_statements
@@ -755,6 +1007,8 @@ class Session:
             self.metrics.errors.labels(_sqlstate_of(data)).inc()
         entry.data, entry.error = data, error
         self._pump()
+        if self.txn_pooling:
+            self._maybe_detach()
         if not self.blocked and self.backlog and not self.closed:
             # Messages that waited behind this answer (typically the client's Sync) are handled
             # now, so their answers join the same corked send.
@@ -774,6 +1028,8 @@ class Session:
             self.end_batch()
             if not self.blocked:
                 self.client.uncork()
+            if self.txn_pooling:
+                self._maybe_detach()
 
     def _skip_to_sync(self) -> None:
         """Drop answers up to the next Sync (PostgreSQL skips those messages after an error)."""
@@ -805,18 +1061,41 @@ class Session:
         for t, s, e in frames:
             if t == 83:  # 'S' ParameterStatus: remember settings that shape output
                 name, pos = pg.read_cstr(buf, s + 5)
-                self.reported[name] = pg.read_cstr(buf, pos)[0]
+                value = pg.read_cstr(buf, pos)[0]
+                self.reported[name] = value
+                if self.txn_pooling and name.lower() in txpool.REPORTED_SETTINGS:
+                    self.client_settings[name.lower()] = value
+                    if self.backend is not None:
+                        self.backend.__dict__.setdefault("applied_settings", {})[name.lower()] = value
             if not pending:
                 continue  # asynchronous message (notice, notification, parameter status)
             head = pending[0]
             if head.__class__ is not int:
                 continue
+            if head >= K_HIDDEN_CLOSE:  # type: ignore[operator]
+                if t in _COMPLETES[head]:  # type: ignore[index]
+                    # The answer to a Close/Parse the proxy slipped in: not the client's.
+                    pending.popleft()
+                    if out is None:
+                        out = []
+                    out.append(buf[seg:s])
+                    seg = e
+                    if pending and pending[0].__class__ is not int:
+                        out.extend(self._take_ready_locals())
+                    continue
             if t in _COMPLETES[head]:  # type: ignore[index]
                 pending.popleft()
                 if t == _READY:
                     self.tx_status = buf[s + 5 : s + 6]
                     self._unsynced = False
                     self._observe_latency()
+                    if self.txn_pooling:
+                        self._new_parses.clear()
+                        if self._pending_sets is not None:
+                            if not self._query_failed:
+                                self._apply_sets(self._pending_sets)
+                            self._pending_sets = None
+                        self._query_failed = False
                     if self.tx.txn is not None and self.tx_status == pg.TX_IDLE:
                         # The block ended by a path the proxy did not run (it should not
                         # happen): the nodes' part must not stay open.
@@ -825,6 +1104,11 @@ class Session:
             elif t == _ERR:
                 self.metrics.errors.labels(_sqlstate_of(buf[s:e])).inc()
                 self._copy_in_extended = False  # an error ends COPY mode on the node
+                if self.txn_pooling:
+                    self._query_failed = True
+                    if self._new_parses and self.backend is not None:
+                        # Not known to exist any more: prepared again (after a Close) when used.
+                        self.backend.prepared.difference_update(self._new_parses)
                 if head in _Z_TERMINATED:
                     continue
                 pending.popleft()
@@ -849,6 +1133,8 @@ class Session:
             self.client.write_many(out)
         if not self.blocked:
             self.client.uncork()  # corked only while a proxy-run answer is pending
+        if self.txn_pooling and not pending:
+            self._maybe_detach()
 
     def _enter_extended_copy_in(self) -> None:
         """CopyInResponse to an Execute: Syncs the client sent behind it will get no answer."""
@@ -930,6 +1216,13 @@ class Session:
                 self.client.write(data)  # the implicit COMMIT failed: its error ends the Query
         return pg.ready_for_query(self.tx_status), False
 
+    async def _answer_tag(self, tag: str) -> tuple[bytes, bool]:
+        if self.tx_status == pg.TX_FAILED:
+            raise PgError(
+                "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+            )
+        return pg.command_complete(tag) + pg.ready_for_query(self.tx_status), False
+
     async def _run_deallocate(self, name: str) -> tuple[bytes, bool]:
         if self.tx_status == pg.TX_FAILED:
             raise PgError(
@@ -953,7 +1246,7 @@ class Session:
 
     async def _collect_until(self, data: bytes, stop: tuple[int, ...], count: int = 1) -> list[tuple[int, bytes]]:
         """Send messages ending in Flush and collect answers up to the count-th of ``stop`` types."""
-        backend = self.backend
+        backend = self.backend if self.backend is not None or not self.txn_pooling else await self._attach()
         if backend is None:
             raise node_unavailable("metadata", "no backend connection")
         backend.consumer = None
@@ -965,7 +1258,7 @@ class Session:
 
     async def _collect_from_backend(self, data: bytes) -> list[tuple[int, bytes]]:
         """Run messages on the bound backend in collect mode (only while this session blocks)."""
-        backend = self.backend
+        backend = self.backend if self.backend is not None or not self.txn_pooling else await self._attach()
         if backend is None:
             raise node_unavailable("metadata", "no backend connection")
         backend.consumer = None

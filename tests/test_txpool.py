@@ -1,0 +1,175 @@
+"""Transaction pooling (``[server] pool_mode = "transaction"``): many clients, few node connections.
+
+A dedicated proxy in transaction mode with a small pool serves these tests. What each client set
+up (settings, prepared statements) must follow it to whichever connection serves it next, and
+must never leak into another client; the number of node connections must stay within the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from proxyproc import ProxyProcess, start_proxy
+
+from orochi_proxy.localcluster import LocalCluster
+
+POOL = 20
+
+
+@pytest.fixture(scope="module")
+def pooled(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    proc = start_proxy(
+        tmp_path_factory.mktemp("txpool"), cluster, name="txpool",
+        server={"pool_mode": "transaction"}, backend={"pool_size": POOL},
+    )
+    try:
+        with psycopg.connect(proc.dsn(), autocommit=True) as conn:
+            for n in cluster.nodes:
+                conn.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+            conn.execute("DROP TABLE IF EXISTS txp_items")
+            conn.execute("CREATE TABLE txp_items (id int PRIMARY KEY, n int NOT NULL)")
+            conn.execute("SELECT create_distributed_table('txp_items', 'id', shard_count => 6)")
+        yield proc
+    finally:
+        try:
+            with psycopg.connect(proc.dsn(), autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS txp_items")
+        finally:
+            proc.stop()
+
+
+def _client_backends(cluster: LocalCluster) -> int:
+    """Client connections open on the node serving as metadata node (the proxy's pool among them)."""
+    with psycopg.connect(cluster.nodes[0].dsn(), autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+
+
+def test_settings_follow_each_client_and_never_leak(pooled: ProxyProcess) -> None:
+    with psycopg.connect(pooled.dsn(), autocommit=True) as a, psycopg.connect(pooled.dsn(), autocommit=True) as b:
+        default_tz = b.execute("SHOW TimeZone").fetchone()
+        assert default_tz != ("Asia/Tokyo",)
+        a.execute("SET TimeZone = 'Asia/Tokyo'")
+        a.execute("SET search_path TO pg_catalog, public")
+        a.execute("SET application_name = 'client-a'")
+        for _ in range(5):  # the two sessions take turns on the pool's connections
+            assert a.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+            assert b.execute("SHOW TimeZone").fetchone() == default_tz
+            assert a.execute("SHOW search_path").fetchone() == ("pg_catalog, public",)
+            assert b.execute("SHOW search_path").fetchone() == ('"$user", public',)
+            assert a.execute("SHOW application_name").fetchone() == ("client-a",)
+            assert b.execute("SHOW application_name").fetchone() != ("client-a",)
+        a.execute("RESET TimeZone")
+        assert a.execute("SHOW TimeZone").fetchone() == default_tz
+
+
+def test_prepared_statements_follow_the_client(pooled: ProxyProcess) -> None:
+    async def run() -> None:
+        conns = [await _aconnect(pooled) for _ in range(4)]
+        try:
+            # The same statement name (asyncpg's __asyncpg_stmt_N__) with different texts per client.
+            stmts = [await c.prepare(f"SELECT {i * 100}::int + $1::int") for i, c in enumerate(conns)]
+            for _ in range(10):
+                for i, st in enumerate(stmts):
+                    assert await st.fetchval(7) == i * 100 + 7
+            # And over a distributed table, inside transactions.
+            for i, c in enumerate(conns):
+                async with c.transaction():
+                    await c.execute("INSERT INTO txp_items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n", i, i)
+                    assert await c.fetchval("SELECT n FROM txp_items WHERE id = $1", i) == i
+        finally:
+            for c in conns:
+                await c.close()
+
+    asyncio.run(run())
+
+
+def test_deallocate_and_close_are_per_client(pooled: ProxyProcess) -> None:
+    with psycopg.connect(pooled.dsn(), autocommit=True) as a, psycopg.connect(pooled.dsn(), autocommit=True) as b:
+        for conn in (a, b):
+            conn.execute("SELECT %s::int + 1", (1,), prepare=True)
+        a.execute("DEALLOCATE ALL")
+        assert b.execute("SELECT %s::int + 1", (2,), prepare=True).fetchone() == (3,)
+        assert a.execute("SELECT %s::int + 1", (3,), prepare=True).fetchone() == (4,)
+
+
+def test_session_state_the_proxy_cannot_move_pins_the_session(pooled: ProxyProcess) -> None:
+    with psycopg.connect(pooled.dsn(), autocommit=True) as a, psycopg.connect(pooled.dsn(), autocommit=True) as b:
+        a.execute("CREATE TEMP TABLE txp_scratch (x int)")
+        a.execute("INSERT INTO txp_scratch VALUES (1)")
+        for _ in range(5):
+            b.execute("SELECT 1")
+            assert a.execute("SELECT count(*) FROM txp_scratch").fetchone() == (1,)
+
+
+def test_failed_transaction_does_not_poison_the_next_client(pooled: ProxyProcess) -> None:
+    with psycopg.connect(pooled.dsn()) as a:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            a.execute("SELECT 1 / 0")
+        a.rollback()
+    with psycopg.connect(pooled.dsn(), autocommit=True) as b:
+        for _ in range(POOL + 2):
+            assert b.execute("SELECT 42").fetchone() == (42,)
+
+
+def test_a_thousand_clients_share_the_bounded_pool(pooled: ProxyProcess, cluster: LocalCluster) -> None:
+    """1000 concurrent asyncpg connections doing short transactions, some of them distributed writes."""
+    baseline = _client_backends(cluster)
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _client_backends(cluster))
+            time.sleep(0.05)
+
+    async def client(i: int) -> int:
+        conn = await _aconnect(pooled)
+        try:
+            for _ in range(2):
+                async with conn.transaction():
+                    assert await conn.fetchval("SELECT $1::int * 2", i) == 2 * i
+            if i % 10 == 0:
+                async with conn.transaction():
+                    await conn.execute("UPDATE txp_items SET n = n + 1 WHERE id = $1", i % 4)
+            return 1
+        finally:
+            await conn.close()
+
+    async def run() -> int:
+        sem = asyncio.Semaphore(1000)
+
+        async def gated(i: int) -> int:
+            async with sem:
+                return await client(i)
+
+        return sum(await asyncio.gather(*(gated(i) for i in range(1000))))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with psycopg.connect(pooled.dsn(), autocommit=True) as conn:
+            conn.execute("INSERT INTO txp_items VALUES (0, 0), (1, 0), (2, 0), (3, 0) ON CONFLICT (id) DO UPDATE SET n = 0")
+        assert asyncio.run(run()) == 1000
+    finally:
+        stop.set()
+        sampler.join()
+    with psycopg.connect(pooled.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT sum(n) FROM txp_items WHERE id < 4").fetchone() == (100,)
+    # The node sees at most the session pool plus the pool for shard statements on it.
+    assert peak[0] - baseline <= 2 * POOL, (baseline, peak[0])
+
+
+async def _aconnect(proxy: ProxyProcess) -> Any:
+    return await asyncpg.connect(
+        host=proxy.host, port=proxy.port, user=proxy.user, password=proxy.password,
+        database=proxy.dbname, timeout=120,
+    )
