@@ -34,6 +34,14 @@ GID_PREFIX = "orochi_"
 _counter = itertools.count(1)
 
 
+class OutcomeUnknown(PgError):
+    """Recording the decision failed in a way that leaves unknown whether it was recorded.
+
+    The participants must then stay prepared: recovery commits them if the record exists and
+    rolls them back otherwise. Rolling them back here could contradict a record that did commit.
+    """
+
+
 @dataclass
 class Decider:
     """How a coordinator records and forgets decisions (provided by the server)."""
@@ -94,6 +102,8 @@ async def _commit(participants: Sequence[tuple[int, BackendConnection]], decider
         await decider.decide(gid, [node for node, _ in participants])
         if faults.ARMED:
             await faults.reached("decided")
+    except OutcomeUnknown:
+        raise  # every participant is prepared; recovery settles them by the record
     except BaseException:
         # Nothing was decided: undo every prepared participant and abort the rest.
         done = {id(c) for c, _ in prepared}

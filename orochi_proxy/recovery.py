@@ -4,7 +4,10 @@
 advisory lock it holds, for its whole life, on a dedicated connection to the metadata database,
 and the connection on which it records commit decisions. Writing the decision on the very
 connection that holds the lock means a coordinator that lost its lock (connection gone) can no
-longer decide.
+longer decide. A lost connection (the metadata node restarted) is reopened under a new key
+(``TransactionLog.ensure``, by the next commit or recovery round): transactions prepared under the
+old key belong to a dead coordinator from then on, and recovery settles them. Decisions are
+written with ``synchronous_commit = on`` whatever the database's default.
 
 ``recover`` (at start-up, every ``recovery_interval`` seconds, and on
 ``SELECT recover_prepared_transactions()``) looks at every node's prepared transactions named
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from executor.protocol import PgError
-from executor.twophase import Decider, parse_gid
+from executor.twophase import GID_PREFIX, Decider, OutcomeUnknown, parse_gid
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ProxyServer
@@ -52,10 +55,43 @@ class TransactionLog:
         return LOCK_SPACE | self.key
 
     async def open(self) -> None:
-        self._conn = await asyncpg.connect(**self._kwargs)
-        # Shared: sessions writing a decision inside their own transaction take the same lock
-        # shared for that transaction (orochi_proxy.txcoordinator); recovery needs it exclusive.
-        await self._conn.execute("SELECT pg_advisory_lock_shared($1)", self.lock_key)
+        # A decision is the commit point: it must survive a crash of the metadata node even where
+        # that database runs with synchronous_commit = off (an async commit can vanish in one).
+        settings = {**self._kwargs.get("server_settings", {}), "synchronous_commit": "on"}
+        conn = await asyncpg.connect(**{"timeout": 10, **self._kwargs, "server_settings": settings})
+        try:
+            # Shared: sessions writing a decision inside their own transaction take the same lock
+            # shared for that transaction (orochi_proxy.txcoordinator); recovery needs it exclusive.
+            await conn.execute("SELECT pg_advisory_lock_shared($1)", self.lock_key)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._conn = conn
+
+    async def ensure(self) -> None:
+        """Reopen a lost decision connection (the metadata node restarted), under a new key.
+
+        The lost connection's lock went with it, so recovery in any replica may already have
+        rolled back transactions prepared under the old key: those must never be decided now.
+        A new key gives later transactions new gids; ``decide`` refuses gids of an old key, and
+        ``holder_pid`` no longer vouches for it.
+        """
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return
+            old, self._conn = self.key, None
+            self.key = secrets.randbits(40)
+            await self.open()
+            log.warning("reopened the commit-decision connection; coordinator key %d replaces %d", self.key, old)
+
+    def holder_pid(self, key: int) -> int | None:
+        """Backend pid of the connection holding coordinator ``key``'s lock (None if lost)."""
+        conn = self._conn
+        if key != self.key or conn is None or conn.is_closed():
+            return None
+        return conn.get_server_pid()
 
     async def close(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -67,14 +103,27 @@ class TransactionLog:
         return Decider(self.key, self.decide, self.forget, self.in_flight)
 
     async def decide(self, gid: str, node_ids: list[int]) -> None:
+        lost = PgError("08006", "lost the connection that records commit decisions; the transaction was rolled back")
+        try:
+            await self.ensure()  # for later transactions: this one's gid has the old key
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise lost from exc
         async with self._lock:
             conn = self._conn
-            if conn is None or conn.is_closed():
-                raise PgError("08006", "lost the connection that records commit decisions; the transaction was rolled back")
-            await conn.execute(
-                f"INSERT INTO {SCHEMA}.transactions (gid, coordinator, node_ids) VALUES ($1, $2, $3)",
-                gid, self.key, node_ids,
-            )
+            if conn is None or conn.is_closed() or not gid.startswith(f"{GID_PREFIX}{self.key}_"):
+                raise lost
+            try:
+                await conn.execute(
+                    f"INSERT INTO {SCHEMA}.transactions (gid, coordinator, node_ids) VALUES ($1, $2, $3)",
+                    gid, self.key, node_ids,
+                )
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+                # The INSERT may have committed before the connection went: only recovery, which
+                # reads the record, may settle the participants now.
+                raise OutcomeUnknown(
+                    "08006", "lost the metadata database while recording the commit decision; "
+                    "the outcome is settled by recovery",
+                ) from exc
 
     async def forget(self, gid: str) -> None:
         async with self._lock:
@@ -86,6 +135,8 @@ async def recover(server: ProxyServer) -> int:
     """Resolve orphaned prepared transactions on every node; returns how many were resolved."""
     txlog: TransactionLog = server.txlog
     database = server.config.metadata.dbname
+    with contextlib.suppress(Exception):  # a lost decision connection comes back here at the latest
+        await txlog.ensure()
     # node id -> (gid, database): client sessions prepare in their own database, and COMMIT
     # PREPARED must run in that database.
     prepared: dict[int, list[tuple[str, str]]] = defaultdict(list)
@@ -124,7 +175,7 @@ async def recover(server: ProxyServer) -> int:
                     continue  # a live coordinator is still working on these
             try:
                 for node_id, gid, base, dbname in items:
-                    if own and base in txlog.in_flight:
+                    if base in txlog.in_flight:  # this process commits it (maybe under an old key)
                         continue
                     decided = await checker.fetchval(f"SELECT 1 FROM {SCHEMA}.transactions WHERE gid = $1", base)
                     sql = f"{'COMMIT' if decided else 'ROLLBACK'} PREPARED '{gid}'"

@@ -25,9 +25,11 @@ control is applied to both sides:
     no PREPARE — temporary tables and all keep working), then ``COMMIT PREPARED`` everywhere.
     The insert takes the coordinator's advisory lock in shared mode for the transaction, so
     recovery (which needs the lock exclusively) cannot roll back a participant while a decision
-    may still commit. If the client's database is not the metadata database, the decision goes
-    through the server's ``TransactionLog`` instead and the metadata-node transaction must not
-    have written (0A000 otherwise).
+    may still commit, and inserts only if the proxy's decision connection still holds that lock
+    (had it lost it, a recovery may have run already); it also makes that commit synchronous.
+    If the client's database is not the metadata database, the decision goes through the
+    server's ``TransactionLog`` instead and the metadata-node transaction must not have written
+    (0A000 otherwise).
 
 A failure before the commit point rolls back everywhere and the client's COMMIT gets the error
 (the block is over, status idle, as when PostgreSQL's own COMMIT fails). A lost metadata-node
@@ -262,6 +264,10 @@ class TxCoordinator:
     ) -> tuple[bytes, bool]:
         s = self.session
         server = s.server
+        try:
+            await server.txlog.ensure()  # after a metadata-node restart: a new coordinator key
+        except Exception as exc:  # noqa: BLE001 - reported to the client as a lost connection
+            return await self._abort_all(txn, PgError("08006", f"cannot record commit decisions: {exc}"), frame)
         decider: Decider = server.txlog.decider()
         decision_here = s.database == server.config.metadata.dbname
         if not decision_here and backend_wrote:
@@ -336,15 +342,34 @@ class TxCoordinator:
         from orochi_proxy.recovery import LOCK_SPACE, SCHEMA
 
         lock_key = LOCK_SPACE | decider.coordinator
+        lost = PgError("08006", "lost the connection that holds this proxy's coordinator lock; the transaction was rolled back")
+        holder = self.session.server.txlog.holder_pid(decider.coordinator)
+        if holder is None:
+            raise lost
         node_array = "ARRAY[" + ",".join(str(int(n)) for n in nodes) + "]::int[]"
+        # Once this transaction holds the lock shared, recovery cannot take it; but it may have
+        # taken it (and rolled our participants back) before, if the decision connection had
+        # lost its session lock by then. Still held by that connection now means it never was
+        # lost (a lost key is never locked again), so no recovery ran in between.
+        # The commit of this transaction is the commit point: durable even where the database
+        # runs with synchronous_commit = off (set_config(..., true) lasts until that commit).
         sql = (
             f"INSERT INTO {SCHEMA}.transactions (gid, coordinator, node_ids) "
             f"SELECT {quote_literal(gid)}, {int(decider.coordinator)}, {node_array} "
-            f"FROM pg_catalog.pg_advisory_xact_lock_shared({lock_key})"
+            f"FROM pg_catalog.pg_advisory_xact_lock_shared({lock_key}), "
+            "pg_catalog.set_config('synchronous_commit', 'on', true) "
+            "WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
+            f"AND pid = {int(holder)} AND objsubid = 1 AND classid = '{lock_key >> 32}'::oid "
+            f"AND objid = '{lock_key & 0xFFFFFFFF}'::oid)"
         )
+        inserted = False
         for t, p in await self.backend_messages(sql):
             if t == _E:
                 raise PgError.from_payload(p)
+            if t == _C and p.rstrip(b"\x00") == b"INSERT 0 1":
+                inserted = True
+        if not inserted:
+            raise lost
 
 
 async def _on_each(work: list[tuple[BackendConnection, str]], step: str) -> list[object]:
