@@ -77,6 +77,31 @@ def pgbench(host: str, port: int, user: str, password: str, script: Path, mode: 
     return float(m.group(1))
 
 
+def start_bench_proxy(work: Path, metadata_port: int) -> tuple[subprocess.Popen, int]:
+    """An ``orochi-proxy serve`` (trust auth, metadata on ``metadata_port``) for a benchmark run."""
+    port = free_port()
+    cfg = work / "proxy.toml"
+    cfg.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nauth = "trust"\n'
+        f'[metadata]\nhost = "127.0.0.1"\nport = {metadata_port}\ndbname = "postgres"\n'
+        f'[backend]\nuser = "postgres"\npassword = "orochi"\npool_size = 64\n'
+    )
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "orochi_proxy", "serve", "--config", str(cfg), "--log-level", "warning"],
+        stdout=open(work / "proxy.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    wait_port(port)
+    return proxy, port
+
+
+def stop_bench_proxy(proxy: subprocess.Popen) -> None:
+    proxy.send_signal(signal.SIGTERM)
+    try:
+        proxy.wait(10)
+    except subprocess.TimeoutExpired:
+        proxy.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -90,18 +115,7 @@ def main() -> None:
     proxy = None
     try:
         nodes = cluster.start()
-        port = free_port()
-        cfg = work / "proxy.toml"
-        cfg.write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {port}\nauth = "trust"\n'
-            f'[metadata]\nhost = "127.0.0.1"\nport = {nodes[0].port}\ndbname = "postgres"\n'
-            f'[backend]\nuser = "postgres"\npassword = "orochi"\npool_size = 64\n'
-        )
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "orochi_proxy", "serve", "--config", str(cfg), "--log-level", "warning"],
-            stdout=open(work / "proxy.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        wait_port(port)
+        proxy, port = start_bench_proxy(work, nodes[0].port)
         proxy_dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
         direct_dsn = nodes[0].dsn()
         with psycopg.connect(proxy_dsn, autocommit=True) as conn:
@@ -144,11 +158,7 @@ def main() -> None:
             print(f"  -M {mode:8s} direct {tps_direct:>9,.0f} tps   proxy {tps_proxy:>9,.0f} tps   ratio {tps_proxy / tps_direct:.2f}")
     finally:
         if proxy is not None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
+            stop_bench_proxy(proxy)
         cluster.destroy()
         shutil.rmtree(work, ignore_errors=True)
 

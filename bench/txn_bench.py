@@ -20,7 +20,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 
-from bench.distributed_bench import pgbench  # noqa: E402
-from bench.pgbench_proxy import free_port, wait_port  # noqa: E402
+from bench.distributed_bench import pgbench, start_bench_proxy, stop_bench_proxy  # noqa: E402
 from orochi_proxy.localcluster import LocalCluster  # noqa: E402
 
 ACCOUNTS = 10_000
@@ -64,18 +62,7 @@ def main() -> None:
     try:
         nodes = cluster.start()
         plain, nodes = nodes[-1], nodes[:-1]  # the last node serves the direct comparison
-        port = free_port()
-        cfg = work / "proxy.toml"
-        cfg.write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {port}\nauth = "trust"\n'
-            f'[metadata]\nhost = "127.0.0.1"\nport = {nodes[0].port}\ndbname = "postgres"\n'
-            f'[backend]\nuser = "postgres"\npassword = "orochi"\npool_size = 64\n'
-        )
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "orochi_proxy", "serve", "--config", str(cfg), "--log-level", "warning"],
-            stdout=open(work / "proxy.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        wait_port(port)
+        proxy, port = start_bench_proxy(work, nodes[0].port)
         proxy_dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
         with psycopg.connect(proxy_dsn, autocommit=True) as conn:
             for n in nodes:
@@ -140,11 +127,7 @@ def main() -> None:
         print(f"  balances after the run (accounts, branches, tellers, history): {sums}  consistent: {len(set(sums)) == 1}")
     finally:
         if proxy is not None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
+            stop_bench_proxy(proxy)
         cluster.destroy()
         shutil.rmtree(work, ignore_errors=True)
 

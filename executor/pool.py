@@ -64,6 +64,10 @@ class NodePool:
         """An idle ready connection, or None (then :meth:`acquire` must wait or connect)."""
         if self._closed or self._waiters:
             return None  # never overtake a client already waiting
+        return self._take_idle()
+
+    def _take_idle(self) -> BackendConnection | None:
+        """Check out the newest usable idle connection, dropping dead ones on the way."""
         while self._idle:
             conn = self._idle.pop()
             if conn.usable:
@@ -77,13 +81,9 @@ class NodePool:
         """A ready connection: an idle one, a new one while under ``size``, or wait for one."""
         if self._closed:
             raise PgError("57P01", f"pool for node {self.node_name} is closed")
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.usable:
-                self.in_use += 1
-                self._changed()
-                return conn
-            self.open_count -= 1
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
         if self.open_count < self.settings.size:
             return await self._open_new()
         fut: asyncio.Future[BackendConnection | None] = asyncio.get_running_loop().create_future()

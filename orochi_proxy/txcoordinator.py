@@ -164,12 +164,12 @@ class TxCoordinator:
         if tc.kind in ("commit", "rollback", "prepare"):
             if tc.chain:
                 return await self._refuse(
-                    tc, frame, "COMMIT/ROLLBACK AND CHAIN is not supported in a distributed transaction",
+                    "COMMIT/ROLLBACK AND CHAIN is not supported in a distributed transaction",
                     "Use COMMIT followed by BEGIN.",
                 )
             if tc.kind == "prepare":
                 return await self._refuse(
-                    tc, frame, "PREPARE TRANSACTION is not supported in a distributed transaction",
+                    "PREPARE TRANSACTION is not supported in a distributed transaction",
                     "The proxy already commits distributed transactions with two-phase commit.",
                 )
             if tc.kind == "rollback" or self.session.tx_status == pg.TX_FAILED or txn.failed:
@@ -202,12 +202,12 @@ class TxCoordinator:
             return err.to_message(), True
         return data, False
 
-    async def _refuse(self, tc: TxControl, frame: bytes | None, message: str, hint: str) -> tuple[bytes, bool]:
+    async def _refuse(self, message: str, hint: str) -> tuple[bytes, bool]:
         err = PgError("0A000", message, hint=hint)
         await self.fail_backend(err)
         return err.to_message(), True
 
-    async def _abort_all(self, txn: DistTransaction, err: PgError, frame: bytes | None) -> tuple[bytes, bool]:
+    async def _abort_all(self, txn: DistTransaction, err: PgError) -> tuple[bytes, bool]:
         """Before the commit point: everything rolls back; the client's COMMIT gets ``err``."""
         await txn.rollback()
         try:
@@ -229,7 +229,7 @@ class TxCoordinator:
             try:
                 backend_wrote = await self._backend_has_writes()
             except PgError as exc:
-                return await self._abort_all(txn, exc, frame)
+                return await self._abort_all(txn, exc)
             if len(writers) == 1 and not backend_wrote:
                 return await self._commit_one_phase(tc, frame, txn, writers[0], readers)
             return await self._commit_two_phase(tc, frame, txn, writers, readers, backend_wrote)
@@ -247,7 +247,7 @@ class TxCoordinator:
             await writer.conn.simple_query("COMMIT")
         except (PgError, OSError) as exc:
             err = exc if isinstance(exc, PgError) else PgError("08006", f"lost node {writer.node_id} during COMMIT: {exc}")
-            return await self._abort_all(txn, err, frame)
+            return await self._abort_all(txn, err)
         txn.participants.pop(writer.node_id, None)
         writer.pool.release(writer.conn, reset=False)
         await txn.finish_readers(readers)
@@ -267,7 +267,7 @@ class TxCoordinator:
         try:
             await server.txlog.ensure()  # after a metadata-node restart: a new coordinator key
         except Exception as exc:  # noqa: BLE001 - reported to the client as a lost connection
-            return await self._abort_all(txn, PgError("08006", f"cannot record commit decisions: {exc}"), frame)
+            return await self._abort_all(txn, PgError("08006", f"cannot record commit decisions: {exc}"))
         decider: Decider = server.txlog.decider()
         decision_here = s.database == server.config.metadata.dbname
         if not decision_here and backend_wrote:
@@ -277,7 +277,7 @@ class TxCoordinator:
                 f"but database {s.database!r} is not the metadata database, where the commit decision is kept",
                 hint="Keep local-table writes and multi-node writes in separate transactions.",
             )
-            return await self._abort_all(txn, err, frame)
+            return await self._abort_all(txn, err)
         gid = decider.new_gid("tx")
         decider.in_flight.add(gid)
         try:
@@ -305,7 +305,7 @@ class TxCoordinator:
                 await faults.reached("all_prepared")
             if failure is not None:
                 await _rollback_prepared(prepared)
-                return await self._abort_all(txn, failure, frame)
+                return await self._abort_all(txn, failure)
             # The commit point: the metadata node commits the client's work with the decision.
             try:
                 data, error = await self._client_statement(tc, frame)
