@@ -4,7 +4,7 @@
    distributed ``accounts`` table): ``BEGIN; UPDATE one account; COMMIT`` commits in one phase on
    one node; ``BEGIN; UPDATE two accounts on different nodes; COMMIT`` is two-phase committed.
 2. pgbench's built-in tpcb-like script through the proxy (``pgbench_accounts`` distributed on
-   ``aid``, branches and tellers reference tables, history distributed) vs the same script
+   ``aid``, branches on ``bid``, tellers on ``tid``, history on ``aid``) vs the same script
    directly on one plain node (all tables local).
 
 Usage::
@@ -103,8 +103,11 @@ def main() -> None:
             conn.execute("CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84))")
             conn.execute("CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84))")
             conn.execute("CREATE TABLE pgbench_history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22))")
-            conn.execute("SELECT create_reference_table('pgbench_branches')")
-            conn.execute("SELECT create_reference_table('pgbench_tellers')")
+            # Distributed, not reference tables: concurrent writes to a reference row lock its
+            # copies in different node orders and wait for lock_timeout (strict xfail in
+            # tests/test_tpcb.py until reference copies are written in a fixed order).
+            conn.execute("SELECT create_distributed_table('pgbench_branches', 'bid')")
+            conn.execute("SELECT create_distributed_table('pgbench_tellers', 'tid')")
             conn.execute("SELECT create_distributed_table('pgbench_accounts', 'aid')")
             conn.execute("SELECT create_distributed_table('pgbench_history', 'aid')")
             s = args.scale
