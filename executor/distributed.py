@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from executor import hypertime, twophase
 from executor import protocol as pg
-from executor import twophase
 from executor.backend import BackendConnection
 from executor.pool import NodePool
 from executor.protocol import PgError
 from executor.tasks import TaskResult, extended_query, run_on
 from executor.transaction import DistTransaction
 from rewriter import hashing
-from rewriter.planner import Plan
+from rewriter.model import TableInfo
+from rewriter.planner import TIME_PLACEHOLDER, Plan
 from rewriter.quoting import quote_literal
 
 
@@ -77,6 +79,9 @@ class ExecContext:
     # Inside a client's transaction block: its pinned node connections. Statements then run in
     # the node transactions (no BEGIN/COMMIT of their own); the session commits at COMMIT.
     txn: DistTransaction | None = None
+    # Hypertables: create the chunks that (shard index, internal time) pairs need (the server's
+    # catalog does it; see orochi_proxy.chunks). None outside a server (tests).
+    ensure_chunks: Callable[[TableInfo, list[tuple[int, int]]], Awaitable[None]] | None = None
 
     def capturing(self, write: Callable[[bytes], None]) -> ExecContext:
         """The same statement context with its answer (text format) going to ``write``.
@@ -280,6 +285,8 @@ def shard_of(dist_type: str, text: str | None, shard_count: int) -> int | None:
     """The shard of a value given as text; None when it cannot be decided (then: all shards)."""
     if text is None:
         return -1  # NULL: equality never holds; no shard needed
+    if shard_count == 1:
+        return 0  # e.g. a hypertable without a space dimension: no need to parse the value
     try:
         value = hashing.parse_text_value(dist_type, text)
     except (ValueError, PgError, TypeError, OverflowError):
@@ -677,7 +684,13 @@ async def _write_on_nodes(
     relay_rows_from: int | None,
     row_order: list[int] | None = None,
     shards_of_node: dict[int, list[int]] | None = None,
+    lead: int | None = None,
 ) -> None:
+    """Run each node's statements in its transaction (the block's, or one of our own).
+
+    With ``lead``, that node's statements run and must succeed before any other node's start
+    (reference-table copies, see ``_reference_copies_in_lock_order``).
+    """
     lease = _Lease(ctx)
     open_tx: list[BackendConnection] = []
     in_block = ctx.txn is not None  # the client's transaction: no BEGIN/COMMIT of our own
@@ -702,10 +715,10 @@ async def _write_on_nodes(
             if relay and row_order is not None:
                 collectors[node] = _RowCollector()
                 sink = collectors[node].sink
-            runs.append(run_on(conns[node], body, sink=sink))
+            runs.append(functools.partial(run_on, conns[node], body, sink=sink))
             if not in_block:
                 open_tx.append(conns[node])
-        results = await _gather(runs)
+        results = await _run_lead_first(runs, list(per_node).index(lead) if lead in per_node else None)
         errors = [r.error for r in results if r.error is not None]
         if errors:
             raise errors[0]
@@ -748,15 +761,47 @@ async def _write_on_nodes(
         lease.release()
 
 
+async def _run_lead_first(
+    runs: list[Callable[[], Awaitable[TaskResult]]], lead: int | None
+) -> list[TaskResult]:
+    """Results of ``runs`` in order: ``runs[lead]`` alone first, the others then concurrently.
+
+    The lead's row locks are taken before any other node is asked, so concurrent writers of
+    the same rows queue on the lead and never hold copies on two nodes in opposite orders
+    (a distributed deadlock no node's detector sees). A failing lead raises at once.
+    """
+    if lead is None or len(runs) < 2:
+        return await _gather([run() for run in runs])
+    first = await runs[lead]()
+    _raise(first)
+    rest = await _gather([run() for i, run in enumerate(runs) if i != lead])
+    rest.insert(lead, first)
+    return rest
+
+
+def _reference_copies_in_lock_order(nodes: list[int], ctx: ExecContext) -> list[int]:
+    """The nodes of a reference table's copies, the one every writer locks first at the head.
+
+    One rule for every proxy and every statement, inside blocks or not: the metadata node if it
+    holds a copy (the copy reads go to as well, so ``SELECT ... FOR UPDATE`` queues there too),
+    else the lowest node id; the rest by node id.
+    """
+    ordered = sorted(nodes)
+    if ctx.metadata_node_id in ordered:
+        ordered.remove(ctx.metadata_node_id)  # type: ignore[arg-type]
+        ordered.insert(0, ctx.metadata_node_id)  # type: ignore[arg-type]
+    return ordered
+
+
 async def _run_reference_write(plan: Plan, ctx: ExecContext) -> None:
-    nodes = sorted(plan.tables[0].shards[0].node_ids) if plan.tables else []
+    """A write to a reference table: on every copy, the lead copy first (fixed lock order)."""
     target = plan.tables[0]
-    nodes = sorted(target.shards[0].node_ids)
+    nodes = _reference_copies_in_lock_order(target.shards[0].node_ids, ctx)
     if not nodes:
         raise PgError("XX000", f"reference table {target.name} has no placement")
     sql = plan.sql_for_shard(plan.template, 0)
-    first = ctx.metadata_node_id if ctx.metadata_node_id in nodes else nodes[0]
-    await _write_on_nodes(plan, ctx, {n: [sql] for n in nodes}, relay_rows_from=first)
+    lead = nodes[0]
+    await _write_on_nodes(plan, ctx, {n: [sql] for n in nodes}, relay_rows_from=lead, lead=lead)
 
 
 async def _fill_values(plan: Plan, ctx: ExecContext, n_rows: int) -> list[list[str]]:
@@ -775,9 +820,38 @@ async def _fill_values(plan: Plan, ctx: ExecContext, n_rows: int) -> list[list[s
 
 
 
+async def _row_times(plan: Plan, ctx: ExecContext) -> list[tuple[str, int]]:
+    """Each VALUES row's time (ISO/literal text, internal value) for a hypertable INSERT."""
+    ht = plan.tables[0].hypertable
+    assert ht is not None
+    texts: list[str | None] = []
+    expressions: list[str] = []
+    for row in plan.insert_rows:
+        k = row.time_key
+        assert k is not None
+        if k.kind == "expr":
+            texts.append(None)
+            expressions.append(k.text or "")
+        elif k.kind == "const":
+            texts.append(k.text)
+        else:
+            try:
+                texts.append(_param_text(ctx, k.number))
+            except UnknownValue as exc:
+                raise PgError("0A000", f"cannot read the time value {exc} of a hypertable row", hint="Write it as a plain literal or use a parameter.") from None
+    if any(t is None for t, row in zip(texts, plan.insert_rows, strict=True) if row.time_key.kind != "expr"):  # type: ignore[union-attr]
+        raise PgError("23502", f'null value in column "{ht.time_column}" of relation "{plan.tables[0].name}" violates not-null constraint')
+    evaluated = iter(await hypertime.evaluate(ctx.metadata_pool(), ht.time_type, expressions, ctx.settings))
+    full = [t if t is not None else next(evaluated) for t in texts]
+    internal = await hypertime.TimeValues(ht, ctx.settings).convert(ctx.metadata_pool(), full)
+    return list(zip(full, internal, strict=True))
+
+
 async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
     table = plan.tables[0]
     fills = await _fill_values(plan, ctx, len(plan.insert_rows))
+    times = await _row_times(plan, ctx) if table.hypertable is not None else None
+    chunk_needs: list[tuple[int, int]] = []
     by_shard: dict[int, list[str]] = {}
     order: list[int] = []  # shard of each VALUES row, in input order
     for r, row in enumerate(plan.insert_rows):
@@ -786,6 +860,8 @@ async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
         if key is not None:
             if key.kind == "const":
                 text = key.text
+            elif key.kind == "expr":
+                text = times[r][0] if times is not None else None
             elif key.kind == "fill":
                 text = fills[key.number][r]
             else:
@@ -805,8 +881,14 @@ async def _run_insert(plan: Plan, ctx: ExecContext) -> None:
         values_sql = row.values_sql
         for j, column in enumerate(fills):
             values_sql = values_sql.replace(f"__orochi_fill_{j}__", quote_literal(column[r]))
+        if times is not None:
+            chunk_needs.append((s, times[r][1]))
+            if row.time_key is not None and row.time_key.kind == "expr":
+                values_sql = values_sql.replace(TIME_PLACEHOLDER, quote_literal(times[r][0]))
         by_shard.setdefault(s, []).append(values_sql)
         order.append(s)
+    if chunk_needs and ctx.ensure_chunks is not None:
+        await ctx.ensure_chunks(table, chunk_needs)
     statements = {
         s: [plan.sql_for_shard(plan.insert_prefix + ", ".join(rows) + plan.insert_suffix, s)]
         for s, rows in by_shard.items()
