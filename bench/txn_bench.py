@@ -4,12 +4,14 @@
    distributed ``accounts`` table): ``BEGIN; UPDATE one account; COMMIT`` commits in one phase on
    one node; ``BEGIN; UPDATE two accounts on different nodes; COMMIT`` is two-phase committed.
 2. pgbench's built-in tpcb-like script through the proxy (``pgbench_accounts`` distributed on
-   ``aid``, branches on ``bid``, tellers on ``tid``, history on ``aid``) vs the same script
-   directly on one plain node (all tables local).
+   ``aid``, history on ``aid``; branches and tellers either distributed on ``bid``/``tid`` or
+   reference tables, a copy on every node) vs the same script directly on one plain node (all
+   tables local).
 
 Usage::
 
     python3 bench/txn_bench.py [--nodes 3] [--seconds 10] [--clients 8] [--scale 1]
+                               [--branches-tellers distributed|reference|both]
 
 Everything shares the machine's cores: read ratios from one run, not absolutes.
 """
@@ -48,13 +50,50 @@ def pgbench_builtin(host: str, port: int, password: str, seconds: int, clients: 
     return float(m.group(1)), failed.group(1) if failed else "?"
 
 
+def create_tpcb_tables(conn: psycopg.Connection, layout: str, scale: int) -> None:
+    """pgbench -i's tables and rows through the proxy; branches/tellers ``distributed`` or ``reference``.
+
+    Loaded through the proxy in a few statements (``pgbench -i`` itself inserts row by row).
+    """
+    conn.execute("DROP TABLE IF EXISTS pgbench_branches, pgbench_tellers, pgbench_accounts, pgbench_history")
+    conn.execute("CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88))")
+    conn.execute("CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84))")
+    conn.execute("CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84))")
+    conn.execute("CREATE TABLE pgbench_history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22))")
+    if layout == "reference":
+        conn.execute("SELECT create_reference_table('pgbench_branches')")
+        conn.execute("SELECT create_reference_table('pgbench_tellers')")
+    else:
+        conn.execute("SELECT create_distributed_table('pgbench_branches', 'bid')")
+        conn.execute("SELECT create_distributed_table('pgbench_tellers', 'tid')")
+    conn.execute("SELECT create_distributed_table('pgbench_accounts', 'aid')")
+    conn.execute("SELECT create_distributed_table('pgbench_history', 'aid')")
+    conn.execute("INSERT INTO pgbench_branches VALUES " + ", ".join(f"({i}, 0, '')" for i in range(1, scale + 1)))
+    conn.execute("INSERT INTO pgbench_tellers VALUES " + ", ".join(f"({i}, {(i - 1) // 10 + 1}, 0, '')" for i in range(1, 10 * scale + 1)))
+    with conn.cursor().copy("COPY pgbench_accounts FROM STDIN") as cp:
+        for i in range(1, 100_000 * scale + 1):
+            cp.write(f"{i}\t{(i - 1) // 100_000 + 1}\t0\t\n")
+
+
+def balances(conn: psycopg.Connection) -> list[int]:
+    """sum(abalance), sum(bbalance), sum(tbalance), sum(delta): all equal when the books balance."""
+    return [
+        conn.execute(f"SELECT sum({c}) FROM {t}").fetchone()[0]
+        for t, c in (("pgbench_accounts", "abalance"), ("pgbench_branches", "bbalance"),
+                     ("pgbench_tellers", "tbalance"), ("pgbench_history", "delta"))
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--branches-tellers", choices=("distributed", "reference", "both"), default="both",
+                    help="how the tpcb-like run lays out pgbench_branches/pgbench_tellers")
     args = ap.parse_args()
+    layouts = ("distributed", "reference") if args.branches_tellers == "both" else (args.branches_tellers,)
 
     work = Path(tempfile.mkdtemp(prefix="orochi-tbench-"))
     cluster = LocalCluster(work / "nodes", args.nodes + 1, password="orochi")
@@ -98,36 +137,18 @@ def main() -> None:
         subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", plain.host, "-p", str(plain.port),
                         "-U", "postgres", "postgres"], env=dict(os.environ, PGPASSWORD="orochi"), check=True,
                        capture_output=True)
-        with psycopg.connect(proxy_dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88))")
-            conn.execute("CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84))")
-            conn.execute("CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84))")
-            conn.execute("CREATE TABLE pgbench_history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22))")
-            # Distributed, not reference tables: concurrent writes to a reference row lock its
-            # copies in different node orders and wait for lock_timeout (strict xfail in
-            # tests/test_tpcb.py until reference copies are written in a fixed order).
-            conn.execute("SELECT create_distributed_table('pgbench_branches', 'bid')")
-            conn.execute("SELECT create_distributed_table('pgbench_tellers', 'tid')")
-            conn.execute("SELECT create_distributed_table('pgbench_accounts', 'aid')")
-            conn.execute("SELECT create_distributed_table('pgbench_history', 'aid')")
-            s = args.scale
-            conn.execute("INSERT INTO pgbench_branches VALUES " + ", ".join(f"({i}, 0, '')" for i in range(1, s + 1)))
-            conn.execute("INSERT INTO pgbench_tellers VALUES " + ", ".join(f"({i}, {(i - 1) // 10 + 1}, 0, '')" for i in range(1, 10 * s + 1)))
-            with conn.cursor().copy("COPY pgbench_accounts FROM STDIN") as cp:
-                for i in range(1, 100_000 * s + 1):
-                    cp.write(f"{i}\t{(i - 1) // 100_000 + 1}\t0\t\n")
         print("\npgbench tpcb-like (-M simple)")
         tps_plain, f_plain = pgbench_builtin(plain.host, plain.port, "orochi", args.seconds, args.clients, args.scale)
-        tps_proxy, f_proxy = pgbench_builtin("127.0.0.1", port, "", args.seconds, args.clients, args.scale)
-        print(f"  direct, one plain node          : {tps_plain:>9,.0f} tps (failed {f_plain})")
-        print(f"  orochi-proxy, {args.nodes} nodes          : {tps_proxy:>9,.0f} tps (failed {f_proxy})   ratio {tps_proxy / tps_plain:.2f}")
-        with psycopg.connect(proxy_dsn, autocommit=True) as conn:
-            sums = [
-                conn.execute(f"SELECT sum({c}) FROM {t}").fetchone()[0]
-                for t, c in (("pgbench_accounts", "abalance"), ("pgbench_branches", "bbalance"),
-                             ("pgbench_tellers", "tbalance"), ("pgbench_history", "delta"))
-            ]
-        print(f"  balances after the run (accounts, branches, tellers, history): {sums}  consistent: {len(set(sums)) == 1}")
+        print(f"  direct, one plain node                          : {tps_plain:>9,.0f} tps (failed {f_plain})")
+        for layout in layouts:
+            with psycopg.connect(proxy_dsn, autocommit=True) as conn:
+                create_tpcb_tables(conn, layout, args.scale)
+            tps_proxy, f_proxy = pgbench_builtin("127.0.0.1", port, "", args.seconds, args.clients, args.scale)
+            with psycopg.connect(proxy_dsn, autocommit=True) as conn:
+                sums = balances(conn)
+            print(f"  orochi-proxy, {args.nodes} nodes, branches/tellers {layout:<11}: {tps_proxy:>9,.0f} tps"
+                  f" (failed {f_proxy})   ratio {tps_proxy / tps_plain:.2f}")
+            print(f"    balances (accounts, branches, tellers, history): {sums}  consistent: {len(set(sums)) == 1}")
     finally:
         if proxy is not None:
             stop_bench_proxy(proxy)
