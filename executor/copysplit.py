@@ -175,7 +175,18 @@ def binary_key_text(raw: bytes, type_name: str) -> str:
     if base == "date":
         import datetime
 
-        return (datetime.date(2000, 1, 1) + datetime.timedelta(days=struct.unpack("!i", raw)[0])).isoformat()
+        days = struct.unpack("!i", raw)[0]
+        if days in (2**31 - 1, -(2**31)):
+            return "infinity" if days > 0 else "-infinity"
+        return (datetime.date(2000, 1, 1) + datetime.timedelta(days=days)).isoformat()
+    if base in ("timestamp with time zone", "timestamptz", "timestamp without time zone", "timestamp"):
+        import datetime
+
+        usecs = struct.unpack("!q", raw)[0]
+        if usecs in (2**63 - 1, -(2**63)):
+            return "infinity" if usecs > 0 else "-infinity"
+        text = (datetime.datetime(2000, 1, 1) + datetime.timedelta(microseconds=usecs)).isoformat(sep=" ")
+        return text + "+00" if base in ("timestamp with time zone", "timestamptz") else text
     raise PgError("0A000", f"COPY in binary format into a table distributed by {type_name} is not supported", hint="Use text or csv format.")
 
 
@@ -237,3 +248,18 @@ class BinarySplitter:
 
     def finish(self) -> list[tuple[bytes, str | None]]:
         return []
+
+
+def binary_field(row: bytes, index: int) -> bytes | None:
+    """Field ``index`` of one binary COPY tuple (as the splitter returns it); None for NULL."""
+    (nfields,) = struct.unpack_from("!h", row, 0)
+    if index >= nfields:
+        raise PgError("22P04", f"missing data for column {index + 1}")
+    p = 2
+    for f in range(nfields):
+        (ln,) = struct.unpack_from("!i", row, p)
+        p += 4
+        if f == index:
+            return None if ln < 0 else row[p : p + max(ln, 0)]
+        p += max(ln, 0)
+    return None

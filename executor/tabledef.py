@@ -144,7 +144,7 @@ class TableDefinition:
             f'column "{name}" of relation "{self.name}" does not exist',
         )
 
-    def shard_ddl(self, shard_name: str, shard_id: int) -> list[str]:
+    def shard_ddl(self, shard_name: str, shard_id: int, partition_by: str | None = None) -> list[str]:
         """The statements that create one shard ``<schema>.<shard_name>`` (run in this order).
 
         The first is the ``CREATE TABLE`` with columns and constraints (constraint names get
@@ -166,6 +166,12 @@ class TableDefinition:
         unlogged = "UNLOGGED " if self.unlogged else ""
         sql = f"CREATE {unlogged}TABLE {table} (\n    "
         sql += ",\n    ".join(items) + "\n)"
+        if partition_by is not None:
+            # A hypertable's shard: partitioned by time, its chunks are the partitions (they
+            # carry the storage options; a partitioned table has no storage of its own).
+            return [sql + f" PARTITION BY {partition_by}", *not_valid, *(
+                shard_index_ddl(index_def, self.schema, shard_name, shard_id) for index_def in self.index_defs
+            )]
         if self.access_method and self.access_method != "heap":
             sql += f" USING {quote_ident(self.access_method)}"
         if self.options:

@@ -32,10 +32,13 @@ from executor.copysplit import (
     BinarySplitter,
     CsvSplitter,
     TextSplitter,
+    binary_field,
+    binary_key_text,
 )
 from executor.distributed import shard_of
 from executor.protocol import PgError
 from executor.tasks import run_on
+from orochi_proxy.chunks import ChunkRouter
 from rewriter.intercept import Distributed
 from rewriter.model import TableInfo
 
@@ -150,6 +153,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
     else:
         raise PgError("22023", f'COPY format "{fmt}" not recognized')
     ncols = len(columns)
+    chunker, time_of = _chunk_routing(runner, table, columns, key_index, fmt, splitter)
     fcode = 1 if fmt == "binary" else 0
     queue = CopyInQueue(session)
     session.copy_sink = queue
@@ -173,6 +177,8 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
         return w
 
     async def flush(idx: int) -> None:
+        if chunker is not None:
+            await chunker.settle()  # every buffered row's chunk exists before any row is sent
         rows = buffers.pop(idx, [])
         sizes.pop(idx, None)
         if not rows:
@@ -196,6 +202,8 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
                 idx = shard_of(table.dist_type or "", key, table.shard_count)  # type: ignore[assignment]
                 if idx is None or idx < 0:
                     raise PgError("22P02", f'invalid input for distribution column "{table.dist_column}": "{key}"')
+            if chunker is not None:
+                chunker.note(idx, time_of(row, key))
             buffers[idx].append(row)
             sizes[idx] += len(row)
             if sizes[idx] >= FLUSH_BYTES:
@@ -243,6 +251,31 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
             w.pool.release(w.conn, reset=not w.conn.usable)
         if queue.paused:
             session.client.resume_reading()
+
+
+def _chunk_routing(runner: DistributedRunner, table: TableInfo, columns: list[str], key_index: int, fmt: str, splitter):
+    """For a hypertable: the chunk router, and how to read a row's time value as text."""
+    ht = table.hypertable
+    if ht is None:
+        return None, None
+    if ht.time_column not in columns:
+        raise PgError("23502", f'COPY into hypertable "{table.name}" must include the time column "{ht.time_column}"')
+    chunker = ChunkRouter(runner.server, runner.session.database, table, runner.session.output_settings())
+    t_index = columns.index(ht.time_column)
+    if t_index == key_index:
+        return chunker, lambda _row, key: key
+    if fmt == "binary":
+        return chunker, lambda row, _key: _binary_time_text(row, t_index, ht.time_type)
+    reader = copymod.copy(splitter)
+    reader.key_index = t_index
+    if fmt == "csv":
+        return chunker, lambda row, _key: reader._key(row)
+    return chunker, lambda row, _key: reader._key(row.rstrip(b"\n"))
+
+
+def _binary_time_text(row: bytes, index: int, time_type: str) -> str | None:
+    raw = binary_field(row, index)
+    return None if raw is None else binary_key_text(raw, time_type)
 
 
 async def _discard_rest(queue: CopyInQueue, error: BaseException) -> None:

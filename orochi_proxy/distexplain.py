@@ -64,6 +64,8 @@ async def explain(runner: DistributedRunner, action: Distributed, ctx: distribut
         raise PgError("0A000", "EXPLAIN ANALYZE of writes to distributed or reference tables is not supported", hint="Use EXPLAIN without ANALYZE.")
     lines: list[str] = []
     dist = [t for t in plan.tables if not t.is_reference]
+    kept_chunks: list = []
+    chunk_total: int | None = None
     total = dist[0].shard_count if dist else 1
     if plan.kind in ("ref_select", "ref_modify"):
         shards = [0]
@@ -75,6 +77,11 @@ async def explain(runner: DistributedRunner, action: Distributed, ctx: distribut
         raise PgError("0A000", "EXPLAIN of INSERT into a distributed table is not supported yet")
     else:
         shards = distributed.resolve_shards(plan, ctx)
+        if plan.time_filter is not None:
+            shards, kept_chunks, chunk_total = distributed.prune_chunks(plan, ctx, shards)
+        elif dist and dist[0].hypertable is not None:
+            kept_chunks = list(dist[0].hypertable.chunks)
+            chunk_total = len(kept_chunks)
         if len(shards) <= 1:
             idx = shards[0] if shards else 0
             node = plan.tables[distributed._first_dist(plan)].shards[idx].node_ids[0]
@@ -97,6 +104,12 @@ async def explain(runner: DistributedRunner, action: Distributed, ctx: distribut
     lines.append(f"Distributed Plan (orochi-proxy): {strategy}")
     lines.append(f"  Shards: {len(shards)} of {total}" + (" (pruned)" if len(shards) < total else ""))
     lines.append(f"  Nodes: {len(node_groups)}, tasks: {len(node_groups)}")
+    if chunk_total is not None:
+        lines.append(f"  Chunks: {len(kept_chunks)} of {chunk_total}" + (" (excluded by time)" if len(kept_chunks) < chunk_total else ""))
+        for c in kept_chunks[:20]:
+            lines.append(f"    {c.qualified} (shard index {c.shard_index}, {c.tier})")
+        if len(kept_chunks) > 20:
+            lines.append(f"    ... {len(kept_chunks) - 20} more")
     if analyze:
         started = time.perf_counter()
         counted = _Counter()

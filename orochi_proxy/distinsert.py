@@ -18,6 +18,7 @@ from pglast import parse_sql
 from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
+from orochi_proxy.chunks import ChunkRouter
 from orochi_proxy.distcopy import _commit, _NodeWriter
 from rewriter.planner import Plan, plan_statement
 from rewriter.quoting import qualified_name, quote_ident
@@ -75,6 +76,13 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
             row.extend(values[j][i].encode() for j in range(len(missing)))
         names += missing
     key = names.index(table.dist_column) if not table.is_reference else -1
+    chunker: ChunkRouter | None = None
+    ht = table.hypertable
+    if ht is not None:
+        if ht.time_column not in names:
+            raise PgError("23502", f'null value in column "{ht.time_column}" of relation "{table.name}" violates not-null constraint')
+        t_index = names.index(ht.time_column)
+        chunker = ChunkRouter(runner.server, runner.session.database, table, runner.session.output_settings())
     buffers: dict[int, list[bytes]] = defaultdict(list)
     for row in rows:
         if key >= 0:
@@ -87,6 +95,11 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
         else:
             idx = 0
         buffers[idx].append(b"\t".join(copy_text_value(v) for v in row) + b"\n")
+        if chunker is not None:
+            raw = row[t_index]
+            chunker.note(idx, None if raw is None else raw.decode())
+    if chunker is not None:
+        await chunker.settle()
     cols = ", ".join(quote_ident(n) for n in names)
     if ctx.txn is not None:
         # Inside the client's transaction block: load through its node transactions, which

@@ -24,6 +24,7 @@ from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
 from executor.transaction import DistTransaction, transaction_failed
+from orochi_proxy.chunks import ensure_chunks
 from rewriter.intercept import Distributed
 from rewriter.literals import Normalized, normalize, shape_is_safe
 from rewriter.planner import Plan, plan_statement
@@ -313,6 +314,8 @@ class DistributedRunner:
             row_description=row_description,
             throttle=s.client.throttle,
             decider=server.txlog.decider(),
+            ensure_chunks=lambda table, needs: ensure_chunks(server, database, table, needs),
+            hypertable_of=lambda table: getattr(server.catalog.model.tables.get((table.schema, table.name)), "hypertable", None),
         )
 
     # ------------------------------------------------------------------ extended protocol

@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from executor import protocol as pg
 from executor.protocol import PgError
-from rewriter.intercept import AdminCall, Const, Param
+from orochi_proxy.callstmt import ProcedureCall
+from rewriter.intercept import AdminCall, Const, DimensionArg, Param
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ProxyServer
 
 # Type OIDs used by admin functions.
 BOOL, INT8, INT2, INT4, TEXT, VOID, REGCLASS, NAME, UNKNOWN, VARCHAR = 16, 20, 21, 23, 25, 2278, 2205, 19, 705, 1043
+RECORD, INTERVAL, TIMESTAMPTZ, JSONB = 2249, 1186, 1184, 3802
 _TYPE_NAMES = {BOOL: "boolean", INT8: "bigint", INT4: "integer", TEXT: "text", VOID: "void", REGCLASS: "regclass"}
 
 Impl = Callable[..., Awaitable[list[tuple[Any, ...]]]]  # (server, args[, session])
@@ -43,6 +45,12 @@ class AdminFunction:
     scalar: bool = True
     doc: str = ""
     needs_session: bool = False  # impl takes the calling session as a third argument
+    procedure: bool = False  # called with CALL (orochi_proxy.callstmt), answers no rows
+    # The result columns depend on the call (an overloaded function such as create_hypertable).
+    columns_for: Callable[[AdminCall], tuple[tuple[str, int], ...]] | None = None
+
+    def result_columns(self, call: AdminCall) -> tuple[tuple[str, int], ...]:
+        return self.columns_for(call) if self.columns_for is not None else self.columns
 
 
 @dataclass
@@ -69,12 +77,22 @@ def admin_function(
     *,
     scalar: bool = True,
     needs_session: bool = False,
+    procedure: bool = False,
+    columns_for: Callable[[AdminCall], tuple[tuple[str, int], ...]] | None = None,
 ) -> Callable[[Impl], Impl]:
-    """Decorator: register ``impl`` as the admin SQL function ``name``."""
+    """Decorator: register ``impl`` as the admin SQL function ``name``.
+
+    A scalar function with several result columns returns a composite (TimescaleDB's
+    ``create_hypertable``): ``SELECT fn()`` gives one ``record`` column, ``SELECT * FROM fn()``
+    its columns.
+    """
 
     def deco(impl: Impl) -> Impl:
         REGISTRY.register(
-            AdminFunction(name, tuple(params), tuple(columns), impl, scalar, impl.__doc__ or "", needs_session)
+            AdminFunction(
+                name, tuple(params), tuple(columns), impl, scalar, impl.__doc__ or "", needs_session,
+                columns_for=columns_for, procedure=procedure,
+            )
         )
         return impl
 
@@ -84,6 +102,8 @@ def admin_function(
 # ------------------------------------------------------------------------------ binding
 def _bind_params(fn: AdminFunction, call: AdminCall) -> dict[str, Arg]:
     """Match positional and named arguments to parameters, as PostgreSQL resolves a call."""
+    if fn.procedure != isinstance(call, ProcedureCall):
+        raise _wrong_call_kind(fn)
     if len(call.args) > len(fn.params):
         raise _no_such_function(fn, call)
     bound: dict[str, Arg] = {}
@@ -112,6 +132,14 @@ def _no_such_function(fn: AdminFunction, call: AdminCall) -> PgError:
     )
 
 
+def _wrong_call_kind(fn: AdminFunction) -> PgError:
+    """PostgreSQL's 42809 for SELECT of a procedure or CALL of a function."""
+    types = ", ".join(_TYPE_NAMES.get(p.type_oid, "text") for p in fn.params if p.default is ...)
+    if fn.procedure:
+        return PgError("42809", f"{fn.name}({types}) is a procedure", hint="To call a procedure, use CALL.")
+    return PgError("42809", f"{fn.name}({types}) is not a procedure", hint="To call a function, use SELECT.")
+
+
 def param_types(call: AdminCall, client_oids: list[int]) -> list[int]:
     """Types of $1..$n for ParameterDescription: the client's, else the parameter's declared type."""
     fn = REGISTRY.get(call.function)
@@ -127,9 +155,15 @@ def param_types(call: AdminCall, client_oids: list[int]) -> list[int]:
 
 def result_fields(call: AdminCall, bind: pg.BindMsg | None) -> list[pg.Field]:
     fn = REGISTRY.get(call.function)
-    cols = [(call.column, fn.columns[0][1])] if fn.scalar and not call.expand else list(fn.columns)
-    if fn.scalar and call.expand:
-        cols = [(call.column, fn.columns[0][1])]
+    if isinstance(call, ProcedureCall):
+        return []  # a procedure without output parameters
+    columns = fn.result_columns(call)
+    if fn.scalar and len(columns) > 1:
+        cols = list(columns) if call.expand else [(call.column, RECORD)]
+    elif fn.scalar:
+        cols = [(call.column, columns[0][1])]
+    else:
+        cols = list(columns)
     out = []
     for i, (name, oid) in enumerate(cols):
         fmt = bind.result_format(i) if bind is not None else 0
@@ -139,7 +173,8 @@ def result_fields(call: AdminCall, bind: pg.BindMsg | None) -> list[pg.Field]:
 
 
 def describe(call: AdminCall, bind: pg.BindMsg | None) -> bytes:
-    return pg.row_description(result_fields(call, bind))
+    fields = result_fields(call, bind)
+    return pg.row_description(fields) if fields else pg.NO_DATA
 
 
 # ------------------------------------------------------------------------------ values
@@ -183,9 +218,53 @@ def _convert(value: str | None, spec: ParamSpec, fn: AdminFunction) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _Composite:
+    """A row value of a composite result (``SELECT create_hypertable(...)``)."""
+
+    values: tuple[Any, ...]
+    types: list[int]
+
+    def text(self) -> bytes:
+        parts = []
+        for v, oid in zip(self.values, self.types, strict=False):
+            raw = _encode(v, oid, 0)
+            if raw is None:
+                parts.append(b"")
+            elif raw == b"" or any(c in raw for c in b'(),"\\ '):
+                parts.append(b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'""') + b'"')
+            else:
+                parts.append(raw)
+        return b"(" + b",".join(parts) + b")"
+
+    def binary(self) -> bytes:
+        out = [struct.pack("!i", len(self.values))]
+        for v, oid in zip(self.values, self.types, strict=False):
+            raw = _encode(v, oid, 1)
+            out.append(struct.pack("!I", oid))
+            out.append(struct.pack("!i", -1) if raw is None else struct.pack("!i", len(raw)) + raw)
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class WireValue:
+    """A value in both wire formats as PostgreSQL produced them (its output and send functions).
+
+    For result types whose binary form the proxy does not build itself (interval, timestamptz,
+    jsonb): the implementation selects ``x::text`` and ``encode(typsend(x), 'hex')``.
+    """
+
+    text: bytes
+    binary: bytes
+
+
 def _encode(value: Any, oid: int, fmt: int) -> bytes | None:
     if value is None:
         return None
+    if isinstance(value, WireValue):
+        return value.binary if fmt == 1 else value.text
+    if isinstance(value, _Composite):
+        return value.binary() if fmt == 1 else value.text()
     if oid == VOID:
         return b""
     if fmt == 1:
@@ -214,6 +293,9 @@ async def run_admin(
         if arg is None:
             kwargs[spec.name] = spec.default
             continue
+        if isinstance(arg, DimensionArg):
+            kwargs[spec.name] = arg
+            continue
         if isinstance(arg, Const):
             text = arg.value
         else:
@@ -230,7 +312,12 @@ async def run_admin(
         # The catalog words its errors for SQL clients and carries a SQLSTATE (42704 unknown
         # node, 22023 bad address...); without this they reached the client as XX000.
         raise PgError(exc.sqlstate, exc.message) from None
+    if isinstance(call, ProcedureCall):
+        return pg.command_complete("CALL")
     fields = result_fields(call, bind)
+    if fields and fields[0].type_oid == RECORD and len(fields) == 1:
+        types = [oid for _, oid in fn.result_columns(call)]
+        rows = [(_Composite(row, types),) for row in rows]
     out: list[bytes] = []
     if simple:
         out.append(pg.row_description(fields))

@@ -22,7 +22,11 @@ from executor import protocol as pg
 from executor.backend import BackendConnection
 from executor.pool import NodePool, PoolManager, PoolSettings
 from executor.protocol import PgError, ProtocolViolation
-from orochi_proxy import distribute  # noqa: F401  (registers the distribution admin functions)
+from orochi_proxy import (
+    chunkadmin,  # noqa: F401  (registers show_chunks/drop_chunks)
+    distribute,  # noqa: F401  (registers the distribution admin functions)
+    hypertable,  # noqa: F401  (registers the hypertable admin functions)
+)
 from orochi_proxy.catalog import Catalog
 from orochi_proxy.config import ProxyConfig
 from orochi_proxy.distsession import PlanCache, TypeNames

@@ -94,7 +94,21 @@ class Param:
     number: int  # 1-based, as in $1
 
 
-Arg = Const | Param
+@dataclass(frozen=True, slots=True)
+class DimensionArg:
+    """TimescaleDB's ``by_range(column [, interval])`` / ``by_hash(column, partitions)`` argument.
+
+    ``by_range``: ``setting`` is the partition interval's text (None: the default);
+    ``by_hash``: the number of partitions.
+    """
+
+    kind: str  # "range" | "hash"
+    column: str
+    setting: str | None
+
+
+Arg = Const | Param | DimensionArg
+_DIMENSION_BUILDERS = {"by_range": "range", "by_hash": "hash"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +282,12 @@ def _admin_call(stmt: ast.Node, calls: list[ast.FuncCall]) -> AdminCall:
 
 
 def _arg_value(node: ast.Node, fn: str) -> Arg:
+    if isinstance(node, ast.FuncCall) and node.funcname[-1].sval in _DIMENSION_BUILDERS and node.args:
+        values = [_arg_value(a.arg if isinstance(a, ast.NamedArgExpr) else a, fn) for a in node.args]
+        if len(values) > 2 or not all(isinstance(v, Const) for v in values) or values[0].value is None:  # type: ignore[union-attr]
+            raise _unsupported(fn)
+        setting = values[1].value if len(values) == 2 else None  # type: ignore[union-attr]
+        return DimensionArg(_DIMENSION_BUILDERS[node.funcname[-1].sval], values[0].value, setting)  # type: ignore[union-attr, arg-type]
     if isinstance(node, ast.TypeCast):
         node = node.arg
     if isinstance(node, ast.ParamRef):

@@ -13,7 +13,9 @@ Shard tables are ordinary tables ``<schema>.<table>_<shardid>`` on their node.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
 
 MAX_IDENTIFIER = 63  # NAMEDATALEN - 1
 
@@ -39,6 +41,93 @@ class Shard:
     node_ids: tuple[int, ...]  # one for a distributed table, every node for a reference table
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """One chunk: the partition of shard ``shard_index`` for times ``[range_start, range_end)``.
+
+    Ranges are in the internal form of :mod:`rewriter.timerange` (microseconds since 1970 UTC for
+    time types, the integer itself for integer types). ``tier``: ``hot`` (heap partition),
+    ``warm`` (compressed; the partition keeps rows inserted later), ``cold`` (object storage).
+    """
+
+    chunk_id: int
+    shard_index: int
+    range_start: int
+    range_end: int
+    schema: str
+    name: str
+    tier: str = "hot"
+
+    @property
+    def qualified(self) -> str:
+        from rewriter.quoting import qualified_name
+
+        return qualified_name(self.schema, self.name)
+
+
+@dataclass(frozen=True)
+class HypertableInfo:
+    """The time dimension (and optional space dimension) of a hypertable, and its chunks.
+
+    A hypertable is also a hash-distributed :class:`TableInfo`: by its space column over
+    ``space_partitions`` shards, or by its time column over one shard. On its node each shard is
+    a table partitioned by range of the time column; the chunks are its partitions.
+    """
+
+    hypertable_id: int
+    time_column: str
+    time_type: str  # canonical: timestamptz | timestamp | date | smallint | integer | bigint
+    chunk_interval: int  # internal units
+    space_column: str | None = None
+    space_partitions: int | None = None
+    chunks: tuple[ChunkInfo, ...] = ()
+    compression: dict | None = field(default=None, compare=False, hash=False)
+
+    @cached_property
+    def known_chunks(self) -> frozenset[tuple[int, int]]:
+        """(shard index, range start) of every chunk: the insert path's "exists?" check."""
+        return frozenset((c.shard_index, c.range_start) for c in self.chunks)
+
+    @cached_property
+    def _by_shard(self) -> dict[int, tuple[list[int], list[ChunkInfo]]]:
+        out: dict[int, tuple[list[int], list[ChunkInfo]]] = {}
+        for c in sorted(self.chunks, key=lambda c: c.range_start):
+            starts, chunks = out.setdefault(c.shard_index, ([], []))
+            starts.append(c.range_start)
+            chunks.append(c)
+        return out
+
+    def chunk_containing(self, shard_index: int, value: int) -> ChunkInfo | None:
+        """The chunk of this shard whose range holds internal ``value`` (None: not created yet)."""
+        starts, chunks = self._by_shard.get(shard_index, ((), ()))  # type: ignore[assignment]
+        i = bisect_right(starts, value) - 1
+        if i >= 0 and chunks[i].range_end > value:
+            return chunks[i]
+        return None
+
+    def new_chunk_range(self, shard_index: int, value: int) -> tuple[int, int]:
+        """The range a new chunk for ``value`` gets: the interval's slot, cut where it would
+        overlap an existing chunk of the shard (after ``set_chunk_time_interval`` the old
+        chunks keep their ranges, as in TimescaleDB)."""
+        from rewriter.timerange import chunk_range
+
+        lo, hi = chunk_range(value, self.chunk_interval, self.time_type)
+        starts, chunks = self._by_shard.get(shard_index, ((), ()))  # type: ignore[assignment]
+        i = bisect_right(starts, value) - 1
+        if i >= 0:
+            lo = max(lo, chunks[i].range_end)
+        if i + 1 < len(chunks):
+            hi = min(hi, chunks[i + 1].range_start)
+        return lo, hi
+
+    def shard_chunks(self, shard_index: int) -> list[ChunkInfo]:
+        return list(self._by_shard.get(shard_index, ((), []))[1])
+
+    @property
+    def is_time_type(self) -> bool:
+        return self.time_type in ("timestamptz", "timestamp", "date")
+
+
 @dataclass(frozen=True)
 class TableInfo:
     schema: str
@@ -53,6 +142,7 @@ class TableInfo:
     # next value on the metadata node; shards have no sequences, so the proxy fills these.
     fill: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     shard_names: dict[int, str] = field(default_factory=dict, compare=False, hash=False)
+    hypertable: HypertableInfo | None = field(default=None, compare=False, hash=False)
 
     @property
     def qualified(self) -> str:

@@ -47,6 +47,9 @@ class InsertRow:
     values_sql: str
     key: PinValue | None  # None: the distribution column is missing/DEFAULT (NULL key)
     params: tuple[int, ...] = ()  # $n used by this row (1-based, ascending)
+    # Hypertables: the time column's value; kind "expr" is an expression (text = its SQL) that
+    # the proxy evaluates and writes in place of ``__orochi_time__`` in ``values_sql``.
+    time_key: PinValue | None = None
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Plan:
     select_sql: str | None = None
     insert_columns: tuple[str, ...] = ()
     has_params: bool = False
+    # Hypertables: (WHERE clause, names of the hypertable in it) for chunk exclusion at execution.
+    time_filter: tuple[ast.Node, frozenset[str]] | None = None
 
     def sql_for_shard(self, template: str, shard_index: int) -> str:
         out = template
@@ -299,12 +304,14 @@ def _plan_select(stmt: ast.SelectStmt, sql: str, scan: RelationScan, aggregate_n
         tables = _apply_tokens(scan)
         return Plan("ref_select", sql, tables, _deparse(stmt))
     pins, multi_error = _routing(stmt, scan)
+    time_filter = _time_filter(stmt, scan)
     tables = _apply_tokens(scan)
     template = _deparse(stmt)
     first = dist[0].table
     plan = Plan(
         "select", sql, tables, template,
         shard_count=first.shard_count, pins=pins, dist_type=first.dist_type, multi_error=multi_error,
+        time_filter=time_filter,
     )
     if multi_error is None:
         try:
@@ -338,6 +345,8 @@ def _plan_modify(stmt: ast.UpdateStmt | ast.DeleteStmt, sql: str, scan: Relation
         return Plan("ref_modify", sql, tables, _deparse(stmt), command=verb, returning=returning)
     if isinstance(stmt, ast.UpdateStmt):
         dist_col = target_occ.table.dist_column
+        if target_occ.table.hypertable is not None and target_occ.table.shard_count == 1:
+            dist_col = None  # the time column of a one-shard hypertable: rows move between chunks
         for t in stmt.targetList or ():
             if t.name == dist_col:
                 raise PgError(
@@ -346,12 +355,29 @@ def _plan_modify(stmt: ast.UpdateStmt | ast.DeleteStmt, sql: str, scan: Relation
                     hint="Delete the row and insert it with the new value.",
                 )
     pins, multi_error = _routing(stmt, scan)
+    time_filter = _time_filter(stmt, scan)
     tables = _apply_tokens(scan)
     first = target_occ.table
     return Plan(
         "modify", sql, tables, _deparse(stmt), shard_count=first.shard_count, pins=pins,
         dist_type=first.dist_type, multi_error=multi_error, command=verb, returning=returning,
+        time_filter=time_filter,
     )
+
+
+def _time_filter(stmt: ast.Node, scan: RelationScan) -> tuple[ast.Node, frozenset[str]] | None:
+    """The WHERE clause and the names of the one hypertable it can prune chunks of.
+
+    Only for a hypertable read once at the top level (a self-join or a subquery over it is not
+    pruned); must run before ``_apply_tokens`` renames the relations.
+    """
+    hyper = [o for o in scan.distributed if o.table.hypertable is not None]
+    if len(hyper) != 1 or not hyper[0].top_level:
+        return None
+    _, where = _from_and_where(stmt)
+    if where is None:
+        return None
+    return where, frozenset({hyper[0].alias})
 
 
 # ------------------------------------------------------------------------------------ INSERT
@@ -409,6 +435,15 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
             fill_slot[c] = len(fill_exprs)
             fill_exprs.append(table.fill[c])
     pos = names.index(table.dist_column) if table.dist_column in names else -1
+    ht = table.hypertable
+    tpos = -1
+    if ht is not None:
+        if ht.time_column not in names:
+            raise combine.unsupported(
+                f'an INSERT into hypertable {table.name} without a value for its time column "{ht.time_column}"',
+                "Give the time column a value (a literal, a parameter or an expression such as now()).",
+            )
+        tpos = names.index(ht.time_column)
     rows: list[InsertRow] = []
     new_values = []
     for values in select.valuesLists:
@@ -416,8 +451,11 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
         for i, c in enumerate(names):
             if c in fill_slot and (values[i] is None or isinstance(values[i], ast.SetToDefault)):
                 values[i] = ast.ColumnRef(fields=(ast.String(sval=f"__orochi_fill_{fill_slot[c]}__"),))
+        time_key = _time_value(values, tpos, ht) if ht is not None else None
         key: PinValue | None = None
-        if pos >= 0:
+        if pos >= 0 and pos == tpos:
+            key = time_key
+        elif pos >= 0:
             if pos >= len(values):
                 raise PgError("42601", "INSERT has more target columns than expressions")
             v = values[pos]
@@ -436,7 +474,7 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
                     )
         params = sorted({n.number for n in combine_walk(values) if isinstance(n, ast.ParamRef)})
         row_sql = "(" + ", ".join(_deparse(v) for v in values) + ")"
-        rows.append(InsertRow(row_sql, key, tuple(params)))
+        rows.append(InsertRow(row_sql, key, tuple(params), time_key))
         new_values.append(tuple(values))
     tables = _apply_tokens(scan)
     head = copy.copy(stmt)
@@ -459,6 +497,38 @@ def _plan_insert(stmt: ast.InsertStmt, sql: str, scan: RelationScan, model, sear
 
 
 combine_walk = walk  # every node below a node (rewriter.relations.walk)
+
+TIME_PLACEHOLDER = "__orochi_time__"
+
+
+def _time_value(values: list, tpos: int, ht) -> PinValue:
+    """The time column's value of one VALUES row of a hypertable INSERT.
+
+    A literal or ``$n`` is read directly. An expression (``now()``, ``'2024-01-01'::date +
+    1``) is replaced by a placeholder: the proxy evaluates it once, routes the row by the
+    result and sends that value, so the node stores exactly the time the chunk was chosen for.
+    """
+    from rewriter.pruning import _const_value
+
+    if tpos >= len(values):
+        raise PgError("42601", "INSERT has more target columns than expressions")
+    v = values[tpos]
+    if v is None or isinstance(v, ast.SetToDefault):
+        raise combine.unsupported(
+            f'DEFAULT for the time column "{ht.time_column}" of a hypertable',
+            "Give the time column a value (a literal, a parameter or an expression such as now()).",
+        )
+    key = _const_value(v, ht.time_type)
+    if key is not None:
+        return key
+    if any(isinstance(n, ast.ParamRef | ast.SubLink | ast.ColumnRef) for n in combine_walk(v)):
+        raise combine.unsupported(
+            f'this expression as the value of time column "{ht.time_column}"',
+            "Use a literal, a parameter, or an expression without parameters or subqueries such as now().",
+        )
+    expr = _deparse(v)
+    values[tpos] = ast.ColumnRef(fields=(ast.String(sval=TIME_PLACEHOLDER),))
+    return PinValue("expr", expr)
 
 
 def _plan_insert_select(stmt: ast.InsertStmt, sql: str, scan: RelationScan, table: TableInfo, model, search_path) -> Plan:

@@ -169,6 +169,10 @@ class Range:
     def unbounded(self) -> bool:
         return self.lo is None and self.hi is None
 
+    def contains_any(self, start: int, end: int) -> bool:
+        """Whether some value of ``[start, end)`` lies in the range (a chunk that may match)."""
+        return not ((self.hi is not None and start >= self.hi) or (self.lo is not None and end <= self.lo) or self.empty)
+
     def contains(self, v: int) -> bool:
         return not ((self.lo is not None and v < self.lo) or (self.hi is not None and v >= self.hi))
 

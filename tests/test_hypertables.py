@@ -1,0 +1,233 @@
+"""Hypertables through the proxy: create_hypertable, chunks on insert/COPY, pruning, chunk admin.
+
+Checked on the nodes directly (partitions of the shard tables, their bounds) and against the
+catalog views; tables are named ``ht_*`` (unique to this module).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from proxyproc import ProxyProcess
+
+from orochi_proxy.localcluster import LocalCluster
+
+
+class Env:
+    def __init__(self, proxy: ProxyProcess, cluster: LocalCluster) -> None:
+        self.proxy = proxy
+        self.cluster = cluster
+        self.admin = psycopg.connect(proxy.dsn(), autocommit=True)
+        self.nodes = [psycopg.connect(n.dsn(), autocommit=True) for n in cluster.nodes]
+
+    def connect(self, **kw: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.proxy.dsn(), **kw)
+
+    def q(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = self.admin.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
+    def partitions(self, table: str) -> list[tuple[str, str]]:
+        """(chunk name, bound) of every partition of the hypertable's shards, on all nodes."""
+        out = []
+        for node in self.nodes:
+            out += node.execute(
+                "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
+                "WHERE p.relname LIKE %s AND c.relkind = 'r' ORDER BY 1",
+                (f"{table}\\_%",),
+            ).fetchall()
+        return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
+    e = Env(proxy, cluster)
+    for n in cluster.nodes:
+        e.admin.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+    try:
+        yield e
+    finally:
+        for (name,) in e.q("SELECT hypertable_name FROM timescaledb_information.hypertables WHERE hypertable_name LIKE 'ht\\_%'"):
+            e.q(f"DROP TABLE IF EXISTS {name}")
+        e.admin.close()
+        for c in e.nodes:
+            c.close()
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    return getattr(getattr(exc, "diag", None), "sqlstate", None)
+
+
+def chunk_names(env: Env, table: str) -> list[str]:
+    return [r[0] for r in env.q(
+        "SELECT chunk_name FROM timescaledb_information.chunks WHERE hypertable_name = %s ORDER BY range_start, chunk_name", (table,)
+    )]
+
+
+def test_create_hypertable_classic_form_and_chunks_on_insert(env: Env) -> None:
+    env.q("CREATE TABLE ht_basic (time timestamptz, device int, value float8)")
+    (row,) = env.q("SELECT * FROM create_hypertable('ht_basic', 'time', chunk_time_interval => INTERVAL '1 day')")
+    assert row[1:] == ("public", "ht_basic", True)
+    (record,) = env.q("SELECT create_hypertable('ht_basic', 'time', if_not_exists => true)")
+    assert record[0] == (str(row[0]), "public", "ht_basic", "f")  # a composite, as TimescaleDB returns
+    # create_hypertable made the time column NOT NULL and added TimescaleDB's default index.
+    assert env.q("SELECT attnotnull FROM pg_attribute WHERE attrelid = 'ht_basic'::regclass AND attname = 'time'") == [(True,)]
+    assert env.q("SELECT count(*) FROM pg_indexes WHERE tablename = 'ht_basic' AND indexname = 'ht_basic_time_idx'") == [(1,)]
+    env.q(
+        "INSERT INTO ht_basic VALUES ('2024-01-01 10:00+00', 1, 1.5), ('2024-01-02 10:00+00', 2, 2.5), "
+        "('2024-01-02 11:00+00', 3, 3.5)"
+    )
+    env.q("INSERT INTO ht_basic VALUES (now(), 4, 4.5)")
+    with env.connect(autocommit=True) as c:
+        c.execute("INSERT INTO ht_basic VALUES (%s, %s, %s)", ("2024-01-01 23:59:59.999999+00", 5, 5.5))
+    parts = env.partitions("ht_basic")
+    bounds = sorted(p[1] for p in parts)
+    assert bounds[:2] == [
+        "FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-01-02 00:00:00+00')",
+        "FOR VALUES FROM ('2024-01-02 00:00:00+00') TO ('2024-01-03 00:00:00+00')",
+    ]
+    assert len(parts) == 3
+    assert sorted(p[0] for p in parts) == sorted(chunk_names(env, "ht_basic"))
+    assert env.q("SELECT count(*), sum(value) FROM ht_basic") == [(5, 17.5)]
+    assert env.q("SELECT device FROM ht_basic WHERE time >= '2024-01-02' AND time < '2024-01-03' ORDER BY device") == [(2,), (3,)]
+    # The now() row holds the value the proxy routed it by: within a minute of the node's clock.
+    assert env.q("SELECT abs(extract(epoch FROM now() - time)) < 60 FROM ht_basic WHERE device = 4") == [(True,)]
+    # The chunk indexes exist on the node (ATTACH PARTITION created them).
+    node_idx = sum(n.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = '_timescaledb_internal'").fetchone()[0] for n in env.nodes)
+    assert node_idx >= 3
+
+
+def test_new_form_by_range_and_integer_time(env: Env) -> None:
+    env.q("CREATE TABLE ht_int (t bigint NOT NULL, v int)")
+    with pytest.raises(psycopg.Error) as err:
+        env.q("SELECT create_hypertable('ht_int', by_range('t'))")
+    assert "explicit interval" in str(err.value)
+    (row,) = env.q("SELECT * FROM create_hypertable('ht_int', by_range('t', 1000))")
+    assert row[1] is True and len(row) == 2
+    env.q("INSERT INTO ht_int SELECT g, g FROM generate_series(0, 4999, 7) g")
+    assert len(chunk_names(env, "ht_int")) == 5
+    assert env.q("SELECT range_start_integer, range_end_integer FROM timescaledb_information.chunks "
+                 "WHERE hypertable_name = 'ht_int' ORDER BY 1 LIMIT 2") == [(0, 1000), (1000, 2000)]
+    assert env.q("SELECT count(*), sum(v) FROM ht_int WHERE t >= 1000 AND t < 3000") == [
+        (len(range(1001, 3000, 7)), sum(range(1001, 3000, 7)))
+    ]
+
+
+def test_space_partitioned_hypertable_spreads_over_nodes(env: Env) -> None:
+    env.q("CREATE TABLE ht_space (time timestamptz NOT NULL, device int NOT NULL, value float8)")
+    env.q("SELECT create_hypertable('ht_space', 'time', 'device', 4, chunk_time_interval => INTERVAL '7 days')")
+    env.q(
+        "INSERT INTO ht_space SELECT timestamptz '2024-03-01' + g * interval '1 hour', g % 10, g "
+        "FROM generate_series(0, 999) g"
+    )
+    chunks = env.q("SELECT node_id, count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'ht_space' GROUP BY 1")
+    assert len(chunks) == len(env.nodes)  # 4 space partitions round-robin over 3 nodes
+    assert env.q("SELECT device, count(*) FROM ht_space GROUP BY device ORDER BY device") == [(d, 100) for d in range(10)]
+    dims = env.q("SELECT dimension_type, column_name, num_partitions FROM timescaledb_information.dimensions "
+                 "WHERE hypertable_name = 'ht_space' ORDER BY dimension_number")
+    assert dims == [("Time", "time", None), ("Space", "device", 4)]
+
+
+def test_copy_creates_chunks_text_csv_and_binary(env: Env) -> None:
+    env.q("CREATE TABLE ht_copy (device int, time timestamptz NOT NULL, value float8)")
+    env.q("SELECT create_hypertable('ht_copy', by_range('time', INTERVAL '1 day'))")
+    with env.connect(autocommit=True) as c:
+        with c.cursor().copy("COPY ht_copy FROM STDIN") as cp:
+            for i in range(48):
+                cp.write_row((i, f"2024-05-01 {i % 24:02d}:30:00+00" if i < 24 else f"2024-05-02 {i % 24:02d}:30:00+00", i))
+        with c.cursor().copy("COPY ht_copy (device, time, value) FROM STDIN (FORMAT csv)") as cp:
+            cp.write("100,2024-05-03 01:00:00+00,1\n101,\"2024-05-04 01:00:00+00\",2\n")
+        import datetime
+
+        with c.cursor().copy("COPY ht_copy FROM STDIN (FORMAT binary)") as cp:
+            cp.set_types(["int4", "timestamptz", "float8"])
+            cp.write_row((200, datetime.datetime(2024, 5, 5, 12, tzinfo=datetime.UTC), 3.0))
+    assert len(chunk_names(env, "ht_copy")) == 5
+    assert env.q("SELECT count(*) FROM ht_copy") == [(51,)]
+    assert env.q("SELECT device FROM ht_copy WHERE time >= '2024-05-05' ORDER BY 1") == [(200,)]
+
+
+def test_concurrent_inserts_into_a_new_range_create_one_chunk(env: Env) -> None:
+    env.q("CREATE TABLE ht_race (time timestamptz NOT NULL, k int)")
+    env.q("SELECT create_hypertable('ht_race', 'time', chunk_time_interval => INTERVAL '1 hour')")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(k: int) -> None:
+        try:
+            with env.connect(autocommit=True) as c:
+                barrier.wait()
+                for minute in range(0, 60, 10):
+                    c.execute("INSERT INTO ht_race VALUES (%s, %s)", (f"2024-07-01 10:{minute:02d}:00+00", k))
+                    c.execute("INSERT INTO ht_race VALUES (%s, %s)", (f"2024-07-01 11:{minute:02d}:00+00", k))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(chunk_names(env, "ht_race")) == 2
+    assert len(env.partitions("ht_race")) == 2
+    assert env.q("SELECT count(*), count(DISTINCT k) FROM ht_race") == [(96, 8)]
+
+
+def test_chunk_exclusion_and_explain(env: Env) -> None:
+    env.q("CREATE TABLE ht_prune (time timestamptz NOT NULL, device int NOT NULL, v int)")
+    env.q("SELECT create_hypertable('ht_prune', 'time', 'device', 3, chunk_time_interval => INTERVAL '1 day')")
+    # device 0..2 -> some shards; days 1..10 of June
+    env.q("INSERT INTO ht_prune SELECT timestamptz '2024-06-01' + d * interval '1 day' + interval '1 hour', dev, d "
+          "FROM generate_series(0, 9) d, generate_series(0, 2) dev")
+    plan = "\n".join(r[0] for r in env.q("EXPLAIN SELECT count(*) FROM ht_prune WHERE time >= '2024-06-03' AND time < '2024-06-05'"))
+    total = len(chunk_names(env, "ht_prune"))
+    assert total % 10 == 0  # ten days on each shard that holds a device
+    assert f"Chunks: {2 * total // 10} of {total} (excluded by time)" in plan, plan
+    assert env.q("SELECT count(*), sum(v) FROM ht_prune WHERE time >= '2024-06-03' AND time < '2024-06-05'") == [(6, 15)]
+    with env.connect(autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM ht_prune WHERE time BETWEEN %s AND %s", ("2024-06-09", "2024-06-20")).fetchone() == (6,)
+    # Nothing in range: the answer still has its shape.
+    assert env.q("SELECT count(*), max(v) FROM ht_prune WHERE time < '2020-01-01'") == [(0, None)]
+    plan = "\n".join(r[0] for r in env.q("EXPLAIN SELECT * FROM ht_prune WHERE time > now() - interval '1 hour'"))
+    assert "Chunks: 0 of" in plan, plan
+
+
+def test_show_and_drop_chunks(env: Env) -> None:
+    env.q("CREATE TABLE ht_drop (time timestamptz NOT NULL, v int)")
+    env.q("SELECT create_hypertable('ht_drop', 'time', chunk_time_interval => INTERVAL '1 day')")
+    env.q("INSERT INTO ht_drop SELECT now() - g * interval '1 day', g FROM generate_series(0, 9) g")
+    all_chunks = [r[0] for r in env.q("SELECT show_chunks('ht_drop')")]
+    assert len(all_chunks) >= 10
+    old = [r[0] for r in env.q("SELECT show_chunks('ht_drop', older_than => INTERVAL '5 days')")]
+    assert 4 <= len(old) <= 5
+    dropped = [r[0] for r in env.q("SELECT drop_chunks('ht_drop', INTERVAL '5 days')")]
+    assert dropped == old
+    assert sorted(r[0] for r in env.q("SELECT show_chunks('ht_drop')")) == sorted(set(all_chunks) - set(old))
+    # Only whole chunks older than the cut-off went: rows of the last 5 days are all there.
+    assert env.q("SELECT min(v), max(v) FROM ht_drop") == [(0, 10 - len(old) - 1)]
+    for name in old:
+        assert not any(n.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] for n in env.nodes)
+    with pytest.raises(psycopg.Error) as err:
+        env.q("SELECT drop_chunks('ht_drop')")
+    assert sqlstate(err.value) == "22023"
+
+
+def test_insert_in_a_transaction_block_creates_chunks(env: Env) -> None:
+    env.q("CREATE TABLE ht_block (time timestamptz NOT NULL, v int)")
+    env.q("SELECT create_hypertable('ht_block', 'time', chunk_time_interval => INTERVAL '1 day')")
+    with env.connect() as c:
+        c.execute("INSERT INTO ht_block VALUES ('2024-02-01 00:00+00', 1)")
+        c.execute("INSERT INTO ht_block VALUES ('2024-02-02 00:00+00', 2)")  # new chunk while the block writes the shard
+        c.rollback()
+    assert env.q("SELECT count(*) FROM ht_block") == [(0,)]
+    with env.connect() as c:
+        c.execute("INSERT INTO ht_block VALUES ('2024-02-01 00:00+00', 1)")
+        c.execute("INSERT INTO ht_block VALUES ('2024-02-03 00:00+00', 3)")
+        c.commit()
+    assert env.q("SELECT v FROM ht_block ORDER BY time") == [(1,), (3,)]
