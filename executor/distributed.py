@@ -28,17 +28,16 @@ import struct
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
-from executor import hypertime, twophase
+from executor import hyperread, hypertime, twophase
 from executor import protocol as pg
 from executor.backend import BackendConnection
 from executor.pool import NodePool
 from executor.protocol import PgError
 from executor.tasks import TaskResult, extended_query, run_on
 from executor.transaction import DistTransaction
-from rewriter import hashing, timerange
-from rewriter.model import ChunkInfo, HypertableInfo, TableInfo
+from rewriter import hashing
+from rewriter.model import HypertableInfo, TableInfo
 from rewriter.planner import TIME_PLACEHOLDER, Plan
 from rewriter.quoting import quote_literal
 
@@ -334,55 +333,6 @@ def resolve_shards(plan: Plan, ctx: ExecContext) -> list[int]:
     return sorted(result)
 
 
-NOW_SLACK = timedelta(seconds=60)  # proxy clock vs the nodes' now(): prune only what both exclude
-
-
-def time_range(plan: Plan, ctx: ExecContext, ht: HypertableInfo) -> timerange.Range:
-    """The internal time range the plan's WHERE clause lets rows of the hypertable have.
-
-    ``now()`` is the node transaction's start, which the proxy does not know exactly: the range
-    is the hull of the ranges for now = proxy clock -/+ NOW_SLACK (every bound is monotonic in
-    now), and inside a client's transaction block (whose now() may be long past) now() is not
-    used at all.
-    """
-    assert plan.time_filter is not None
-    where, aliases = plan.time_filter
-
-    def param(n: int) -> str | None:
-        try:
-            return _param_text(ctx, n)
-        except (UnknownValue, IndexError):
-            return None
-
-    tz = ctx.settings.get("TimeZone") or "UTC"
-
-    def bounds(now: datetime | None) -> timerange.Range:
-        return timerange.time_bounds(where, ht.time_column, set(aliases), param, now, column_type=ht.time_type, timezone=tz)
-
-    if ctx.txn is not None:
-        return bounds(None)
-    clock = datetime.now(UTC).replace(tzinfo=None)
-    return bounds(clock - NOW_SLACK).hull(bounds(clock + NOW_SLACK))
-
-
-def prune_chunks(plan: Plan, ctx: ExecContext, shards: list[int]) -> tuple[list[int], list[ChunkInfo], int]:
-    """Shards left after chunk exclusion, the chunks kept, and the hypertable's chunk count.
-
-    A shard none of whose chunks overlaps the time range holds no matching row and is not
-    contacted; if no shard is left, the first one still runs so the answer has its shape
-    (aggregates over no rows).
-    """
-    table = plan.tables[_first_dist(plan)]
-    ht = ctx.hypertable_of(table) if ctx.hypertable_of is not None else table.hypertable
-    if ht is None:
-        return shards, [], 0
-    rng = time_range(plan, ctx, ht)
-    kept = [c for c in ht.chunks if c.shard_index in shards and rng.contains_any(c.range_start, c.range_end)]
-    with_chunks = {c.shard_index for c in kept}
-    left = [s for s in shards if s in with_chunks]
-    return (left or shards[:1]), kept, len(ht.chunks)
-
-
 # ---------------------------------------------------------------------------------- connections
 async def apply_settings(conn: BackendConnection, wanted: dict[str, str]) -> None:
     applied: dict[str, str] = conn.__dict__.setdefault("applied_settings", {})
@@ -472,8 +422,8 @@ async def execute(plan: Plan, ctx: ExecContext) -> None:
         await _run_insert(plan, ctx)
         return
     shards = resolve_shards(plan, ctx)
-    if plan.time_filter is not None and len(shards) > 1:
-        shards = prune_chunks(plan, ctx, shards)[0]
+    if plan.tables[_first_dist(plan)].hypertable is not None:
+        shards, plan = hyperread.apply_chunks(plan, ctx, shards)
     if len(shards) <= 1:
         idx = shards[0] if shards else 0
         node_id = plan.tables[_first_dist(plan)].shards[idx].node_ids[0]

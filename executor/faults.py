@@ -5,6 +5,9 @@
 * steps: ``prepared`` (after one participant's PREPARE TRANSACTION; ``#n`` picks the n-th, default
   1), ``all_prepared`` (every PREPARE done, before the decision), ``decided`` (right after the
   commit point), ``commit_prepared`` (after one participant's COMMIT PREPARED, ``#n`` as above);
+  compression steps (orochi_proxy.compressadmin): ``compress_created`` (companion table made),
+  ``compress_marked`` (chunk marked warm, rows not moved yet), ``decompress_moved`` (rows back
+  in the heap, chunk still warm);
 * actions: ``kill`` — the process SIGKILLs itself (a crash: no cleanup, no Python unwinding);
   ``pause=<seconds>`` — the step waits, after touching the file named by ``OROCHI_FAULT_FILE``
   (so a test can stop a node at exactly that moment), then carries on.

@@ -23,6 +23,7 @@ from executor import twophase
 from executor.backend import BackendConnection
 from executor.protocol import PgError
 from executor.tabledef import read_index_names
+from orochi_proxy.compressadmin import alter_compression
 from rewriter import ddl
 from rewriter.intercept import Distributed
 from rewriter.model import TableInfo
@@ -70,6 +71,10 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
         return None
     if session.tx_status != pg.TX_IDLE:
         raise PgError("25001", "DDL on distributed or reference tables cannot run inside a transaction block")
+    if kind == "alter_table":
+        tag = await alter_compression(runner, stmt)
+        if tag is not None:
+            return tag
     search_path = await runner.current_search_path()
     model = server.catalog.model
 
@@ -135,6 +140,7 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
                 sql = ddl.shard_ddl_statement(part, table, shard)
                 for node in shard.node_ids:
                     per_node[node].append(sql)
+        _companion_ddl(kind, targets, per_node)
         log.debug("DDL %s on %s: %d shard statements on %d nodes", kind, [t.name for t in targets], sum(map(len, per_node.values())), len(per_node))
     except BaseException:
         if not concurrently:
@@ -150,6 +156,24 @@ async def run_ddl(runner: DistributedRunner, action: Distributed) -> str | None:
     return tag
 
 
+
+
+def _companion_ddl(kind: str, targets: list[TableInfo], per_node: dict[int, list[str]]) -> None:
+    """TRUNCATE / DROP TABLE of a hypertable also empty / drop its compressed chunks' segments
+    (companion tables are not partitions, so the shard's own statement does not reach them)."""
+    if kind not in ("truncate", "drop_table"):
+        return
+    from policies.compression import compressed_table_name
+
+    for t in targets:
+        if t.hypertable is None:
+            continue
+        for c in t.hypertable.chunks:
+            if c.tier != "warm":
+                continue
+            companion = qualified_name(c.schema, compressed_table_name(c.name))
+            verb = "TRUNCATE" if kind == "truncate" else "DROP TABLE IF EXISTS"
+            per_node[t.shards[c.shard_index].node_ids[0]].append(f"{verb} {companion}")
 
 
 def _index_names(stmt) -> list[tuple[str | None, str]]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pglast import ast
 from pglast.stream import RawStream
 
-from executor import distributed
+from executor import distributed, hyperread
 from executor import protocol as pg
 from executor.protocol import PgError
 from rewriter.intercept import Distributed
@@ -77,11 +77,9 @@ async def explain(runner: DistributedRunner, action: Distributed, ctx: distribut
         raise PgError("0A000", "EXPLAIN of INSERT into a distributed table is not supported yet")
     else:
         shards = distributed.resolve_shards(plan, ctx)
-        if plan.time_filter is not None:
-            shards, kept_chunks, chunk_total = distributed.prune_chunks(plan, ctx, shards)
-        elif dist and dist[0].hypertable is not None:
-            kept_chunks = list(dist[0].hypertable.chunks)
-            chunk_total = len(kept_chunks)
+        if dist and dist[0].hypertable is not None:
+            _, kept_chunks, chunk_total = hyperread.prune_chunks(plan, ctx, shards)
+            shards, plan = hyperread.apply_chunks(plan, ctx, shards)
         if len(shards) <= 1:
             idx = shards[0] if shards else 0
             node = plan.tables[distributed._first_dist(plan)].shards[idx].node_ids[0]

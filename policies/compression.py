@@ -838,6 +838,20 @@ def select_sql(
     return f"{heap}\nUNION ALL\n{_decoded_part(lay, predicates)}"
 
 
+def segments_sql(
+    chunk_schema: str,
+    chunk_name: str,
+    columns: Sequence[tuple[str, str]],
+    settings: CompressionSettings,
+    time_column: str | None = None,
+    predicates: Sequence[Predicate] = (),
+) -> str:
+    """Only the decoded segments of :func:`select_sql` (the proxy reads the heap part of every
+    chunk at once through the hypertable's shard, and adds this per compressed chunk)."""
+    lay = _layout(chunk_schema, chunk_name, columns, settings, time_column)
+    return _decoded_part(lay, predicates)
+
+
 def segment_count_sql(
     chunk_schema: str,
     chunk_name: str,

@@ -79,9 +79,16 @@ class Plan:
     has_params: bool = False
     # Hypertables: (WHERE clause, names of the hypertable in it) for chunk exclusion at execution.
     time_filter: tuple[ast.Node, frozenset[str]] | None = None
+    # Set on a per-execution copy when compressed chunks are read: shard index -> the SELECT
+    # that replaces table ``warm_table``'s shard (heap UNION ALL decoded segments).
+    warm_table: int = -1
+    warm_sql: dict[int, str] | None = None
 
     def sql_for_shard(self, template: str, shard_index: int) -> str:
         out = template
+        if self.warm_sql is not None and shard_index in self.warm_sql:
+            t = self.tables[self.warm_table]
+            out = out.replace(f"{quote_ident(t.schema)}.{token(self.warm_table)}", f"({self.warm_sql[shard_index]})")
         for i, t in enumerate(self.tables):
             idx = 0 if t.is_reference else shard_index
             shard = t.shards[idx]
