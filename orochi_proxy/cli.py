@@ -474,3 +474,10 @@ def demo(
             _run(run_demo(opts, out=lambda line: typer.echo(line)))
         except DemoError as exc:
             _fail(str(exc))
+
+
+# ------------------------------------------------------------------------------ jobs
+
+from orochi_proxy.jobcli import jobs_app  # noqa: E402  (its commands use the helpers above)
+
+app.add_typer(jobs_app, name="jobs")

@@ -29,6 +29,11 @@ Example file::
     pool_size = 50
     connect_timeout = 5.0
 
+    [jobs]                                 # retention, compression, refresh, user-defined actions
+    enabled = true                         # run scheduled jobs (one replica at a time leads)
+    poll_interval = 1.0                    # seconds between looks at due jobs (and leader checks)
+    max_workers = 4                        # jobs this process runs at once
+
 Environment variables override single keys: ``OROCHI_SERVER_PORT=7000``,
 ``OROCHI_BACKEND_PASSWORD=...``, ``OROCHI_METADATA_HOST=...``; ``OROCHI_USERS="app:secret,bob:pw"``.
 """
@@ -86,10 +91,21 @@ class BackendSettings:
 
 
 @dataclass
+class JobsSettings:
+    # Whether this process may run scheduled jobs. Replicas elect one leader among themselves
+    # (policies/jobscheduler.py), so enabling it everywhere is the normal setting; false leaves
+    # scheduling to the others (CALL run_job and `orochi-proxy jobs run` still work).
+    enabled: bool = True
+    poll_interval: float = 1.0  # seconds; also how soon a replica takes over from a dead leader
+    max_workers: int = 4  # jobs run at once by the leader (TimescaleDB's max_background_workers)
+
+
+@dataclass
 class ProxyConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     backend: BackendSettings = field(default_factory=BackendSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     users: dict[str, str] = field(default_factory=dict)
 
     def metadata_dsn(self, dbname: str | None = None) -> str:
@@ -130,6 +146,9 @@ def _apply_section(obj: Any, section: str, values: dict[str, Any]) -> None:
         setattr(obj, key, value)
 
 
+_SECTIONS = ("server", "metadata", "backend", "jobs")
+
+
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> ProxyConfig:
     """Read ``path`` (TOML; optional) and overlay ``OROCHI_<SECTION>_<KEY>`` variables from ``env``."""
     env = dict(os.environ if env is None else env)
@@ -145,11 +164,11 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         for section, values in data.items():
             if section == "users":
                 cfg.users.update({str(k): str(v) for k, v in values.items()})
-            elif section in ("server", "metadata", "backend"):
+            elif section in _SECTIONS:
                 _apply_section(getattr(cfg, section), section, values)
             else:
                 raise ConfigError(f"unknown config section [{section}]")
-    for section in ("server", "metadata", "backend"):
+    for section in _SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
             var = f"OROCHI_{section.upper()}_{f.name.upper()}"
@@ -173,6 +192,10 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"[server] startup_timeout must be > 0 seconds, not {cfg.server.startup_timeout!r}")
     if cfg.server.pool_mode not in ("session", "transaction"):
         raise ConfigError(f"[server] pool_mode must be 'session' or 'transaction', not {cfg.server.pool_mode!r}")
+    if not cfg.jobs.poll_interval > 0:
+        raise ConfigError(f"[jobs] poll_interval must be > 0 seconds, not {cfg.jobs.poll_interval!r}")
+    if cfg.jobs.max_workers < 1:
+        raise ConfigError(f"[jobs] max_workers must be at least 1, not {cfg.jobs.max_workers!r}")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("[server] tls_cert and tls_key must be set together")
     return cfg

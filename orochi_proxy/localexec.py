@@ -183,12 +183,10 @@ def _decode_param(raw: bytes | None, fmt: int, oid: int) -> str | None:
         return None
     if fmt == 0:
         return raw.decode()
-    if oid == INT4:
-        return str(struct.unpack("!i", raw)[0])
-    if oid == INT8:
-        return str(struct.unpack("!q", raw)[0])
-    if oid == INT2:
-        return str(struct.unpack("!h", raw)[0])
+    if oid in (INT2, INT4, INT8) and len(raw) in (2, 4, 8):
+        # By width: run_admin knows the declared type, not the one the client bound (psycopg
+        # binds a small int as int2 for an integer parameter).
+        return str(struct.unpack({2: "!h", 4: "!i", 8: "!q"}[len(raw)], raw)[0])
     if oid == BOOL:
         return "true" if raw != b"\x00" else "false"
     if oid in (TEXT, VARCHAR, NAME, UNKNOWN):

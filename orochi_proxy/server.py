@@ -26,10 +26,13 @@ from orochi_proxy import (
     chunkadmin,  # noqa: F401  (registers show_chunks/drop_chunks)
     distribute,  # noqa: F401  (registers the distribution admin functions)
     hypertable,  # noqa: F401  (registers the hypertable admin functions)
+    jobadmin,  # noqa: F401  (registers add_job/alter_job/delete_job/run_job)
 )
+from orochi_proxy.callstmt import CallInterceptor
 from orochi_proxy.catalog import Catalog
 from orochi_proxy.config import ProxyConfig
 from orochi_proxy.distsession import PlanCache, TypeNames
+from orochi_proxy.jobhost import JobHost
 from orochi_proxy.localexec import ADMIN_VIEWS, REGISTRY
 from orochi_proxy.metrics import ProxyMetrics
 from orochi_proxy.recovery import TransactionLog, recovery_loop
@@ -438,6 +441,7 @@ class ProxyServer:
         )
         self.txlog = TransactionLog(self.catalog._connect_kwargs)
         self._recovery_task: asyncio.Task[None] | None = None
+        self.jobs = JobHost(self, schedule=config.jobs.enabled)
         self.router = self._make_router()
         self.plans = PlanCache()
         self.type_names = TypeNames(self)
@@ -455,7 +459,7 @@ class ProxyServer:
     def _make_router(self) -> Interceptor:
         model = self.catalog.model
         names = {name for _, name in model.tables}
-        return Interceptor(
+        return CallInterceptor(
             REGISTRY.functions.keys(),
             ADMIN_VIEWS,
             Catalog.SCHEMA,
@@ -479,6 +483,7 @@ class ProxyServer:
         self._recovery_task = asyncio.get_running_loop().create_task(
             recovery_loop(self, self.config.backend.recovery_interval), name="orochi-recovery"
         )
+        self.jobs.start()
         self.router = self._make_router()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -506,6 +511,7 @@ class ProxyServer:
             self._recovery_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._recovery_task
+        await self.jobs.close()
         await self.pools.close()
         await self.txlog.close()
         await self.catalog.close()

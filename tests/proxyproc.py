@@ -24,7 +24,7 @@ from orochi_proxy.localcluster import LocalCluster, free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Section names of the proxy's TOML config (see ``orochi_proxy/config.py``).
-SECTIONS = ("server", "users", "metadata", "backend")
+SECTIONS = ("server", "users", "metadata", "backend", "jobs")
 
 
 class ProxyStartError(RuntimeError):
