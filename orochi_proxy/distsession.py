@@ -230,7 +230,9 @@ class DistributedRunner:
         self.search_path = None
 
     async def _backend_query(self, sql: str) -> list[list[bytes | None]]:
-        msgs = await self.session._collect_from_backend(pg.query(sql))
+        # Not a simple Query in the middle of the client's extended-protocol batch: that would
+        # commit the batch's implicit transaction, its earlier statements with it.
+        msgs = await self.session.tx.backend_messages(sql)
         rows: list[list[bytes | None]] = []
         for t, p in msgs:
             if t == ord("D"):

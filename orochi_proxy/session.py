@@ -200,6 +200,9 @@ class Session:
         # every Sync until CopyDone/CopyFail (libpq sends one with the Execute and another after
         # CopyDone), so those Syncs get no ReadyForQuery and must get no ``pending`` entry.
         self._copy_in_extended = False
+        # Executes handled since the client's last Sync: with a distributed write among several,
+        # the batch runs as one transaction block (``_execute_dist_portal``).
+        self._batch_executes = 0
 
     @property
     def router(self):
@@ -821,6 +824,7 @@ class Session:
 
     def _on_execute(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
+        self._batch_executes += 1
         if not self.local_portals and not self.dist_portals and not self.tx_portals:
             self._passthrough_count.inc()
             self._forward(frame, K_EXECUTE)
@@ -832,7 +836,7 @@ class Session:
             return
         dp = self.dist_portals.get(portal)
         if dp is not None:
-            self._enqueue_task(lambda: self.dist.execute_portal(dp, max_rows), extended=True)
+            self._enqueue_task(lambda: self._execute_dist_portal(dp, max_rows), extended=True)
             return
         lp = self.local_portals.get(portal)
         if lp is None:
@@ -876,9 +880,14 @@ class Session:
         if self._copy_in_extended:
             self._forward(frame, None)  # the node ignores it in COPY mode: no answer comes
             return
+        self._batch_executes = 0
         self.local_portals.pop("", None)  # the unnamed portal ends with the implicit transaction
         self.dist_portals.pop("", None)
         self.tx_portals.pop("", None)
+        if self.tx.batch_block:
+            # The batch ran as a block the proxy opened: this Sync commits or rolls it back.
+            self._enqueue_task(self._end_batch_block, extended=False, sync=True)
+            return
         if not self._unsynced and self.backend is not None:
             # Nothing went to the node since its last ReadyForQuery (the batch was answered by
             # the proxy): answer the Sync here, with the transaction status the node last gave.
@@ -930,7 +939,7 @@ class Session:
         self._pump()
 
     def _enqueue_task(
-        self, run: Callable[[], Awaitable[tuple[bytes, bool]]], *, extended: bool
+        self, run: Callable[[], Awaitable[tuple[bytes, bool]]], *, extended: bool, sync: bool = False
     ) -> None:
         if self.backend is not None and any(p.__class__ is int for p in self.pending):
             # Messages forwarded before this one (a pipeline's earlier statements, the
@@ -940,7 +949,7 @@ class Session:
             # and the session deadlocks (admin calls and distributed statements alike).
             self._forward(pg.FLUSH, None)  # behind the batched messages, not ahead of them
         self.end_batch()  # the task may talk to the node: everything before it goes out now
-        self.pending.append(LocalAnswer(run=run, extended=extended))
+        self.pending.append(LocalAnswer(run=run, extended=extended, sync=sync))
         self.blocked += 1
         self._pump()
 
@@ -1033,6 +1042,8 @@ class Session:
 
     def _skip_to_sync(self) -> None:
         """Drop answers up to the next Sync (PostgreSQL skips those messages after an error)."""
+        if self.tx.batch_block:
+            self.tx.batch_failed = True  # the batch's Sync rolls its block back
         pending = self.pending
         while pending and pending[0] != K_SYNC and not (
             pending[0].__class__ is LocalAnswer and pending[0].sync  # type: ignore[union-attr]
@@ -1216,6 +1227,48 @@ class Session:
                 self.client.write(data)  # the implicit COMMIT failed: its error ends the Query
         return pg.ready_for_query(self.tx_status), False
 
+    async def _execute_dist_portal(self, dp: DistPortal, max_rows: int) -> tuple[bytes, bool]:
+        """Execute a distributed portal; a write in a batch of several Executes opens a block.
+
+        PostgreSQL runs an extended-protocol batch (up to Sync) as one implicit transaction;
+        a distributed write committed on its own would survive a later failure of the batch.
+        A lone Execute (the usual Parse/Bind/Execute/Sync) keeps the direct path.
+        """
+        if (
+            self.tx_status == pg.TX_IDLE
+            and dp.rows is None
+            and not dp.done
+            and _is_write(dp.statement.action)
+            and self._batch_has_other_executes()
+        ):
+            await self.tx.begin_batch_block()
+        return await self.dist.execute_portal(dp, max_rows)
+
+    def _batch_has_other_executes(self) -> bool:
+        """Whether the client's current batch holds an Execute besides the one running now.
+
+        The Executes handled since the last Sync, then the client's messages waiting behind
+        this one (``backlog``) up to the Sync. A batch whose Sync has not arrived yet may still
+        grow, so it counts as several.
+        """
+        if self._batch_executes > 1:
+            return True
+        for mtype, _frame in self.backlog:
+            if mtype == 69:  # 'E'
+                return True
+            if mtype == 83:  # 'S'
+                return False
+        return True
+
+    async def _end_batch_block(self) -> tuple[bytes, bool]:
+        """The client's Sync, when its batch ran in a block the proxy opened: end that block."""
+        answer = await self.tx.end_batch_block()
+        if self.txn_pooling:
+            # What a relayed ReadyForQuery does: the batch is over on the node.
+            self._new_parses.clear()
+            self._query_failed = False
+        return answer
+
     async def _answer_tag(self, tag: str) -> tuple[bytes, bool]:
         if self.tx_status == pg.TX_FAILED:
             raise PgError(
@@ -1310,6 +1363,13 @@ def _needs_implicit_block(actions: list[Passthrough | AdminCall | Distributed | 
             elif not isinstance(a.stmt, ast.SelectStmt):
                 return False  # DDL, COPY: they run outside blocks with their own commit
     return writes
+
+
+def _is_write(action: Distributed) -> bool:
+    """A statement that changes rows (as ``_needs_implicit_block`` counts writes)."""
+    from pglast import ast
+
+    return isinstance(action.stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt)
 
 
 def _sqlstate_of(error_message: bytes) -> str:

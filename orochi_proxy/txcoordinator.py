@@ -31,6 +31,14 @@ control is applied to both sides:
     server's ``TransactionLog`` instead and the metadata-node transaction must not have written
     (0A000 otherwise).
 
+An extended-protocol batch (the messages up to a Sync: a pipeline, ``executemany``) is one
+implicit transaction in PostgreSQL. When such a batch holds a distributed write and other
+statements, the session asks ``begin_batch_block`` for a block on the metadata node before the
+write runs (a BEGIN there turns the node's implicit transaction, with the batch's earlier
+statements, into a block), the batch's distributed statements join it as in ``BEGIN ...
+COMMIT``, and the client's Sync ends it with ``end_batch_block``: commit, or roll back after an
+error (PostgreSQL skips the rest of the batch then, and so does the session).
+
 A failure before the commit point rolls back everywhere and the client's COMMIT gets the error
 (the block is over, status idle, as when PostgreSQL's own COMMIT fails). A lost metadata-node
 connection *during* its COMMIT leaves the outcome unknown to the proxy: participants stay
@@ -58,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_E, _C, _CLOSE, _Z = ord("E"), ord("C"), ord("3"), ord("Z")
+_E, _C, _CLOSE, _Z, _N = ord("E"), ord("C"), ord("3"), ord("Z"), ord("N")
 _INTERNAL = "__orochi_tx"
 
 
@@ -68,6 +76,10 @@ class TxCoordinator:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.txn: DistTransaction | None = None
+        # The block was opened by the proxy for the client's current extended-protocol batch
+        # (``begin_batch_block``): the client's Sync ends it, the client never sees it.
+        self.batch_block = False
+        self.batch_failed = False  # a statement of that batch failed: its Sync rolls back
 
     # ------------------------------------------------------------------ joining
     async def current(self) -> DistTransaction:
@@ -87,9 +99,44 @@ class TxCoordinator:
 
     def abandon(self) -> None:
         """The session ended with the block open: roll the nodes back in the background."""
+        self.batch_block = False
         txn, self.txn = self.txn, None
         if txn is not None:
             txn.abandon()
+
+    # ------------------------------------------------------------------ implicit batch blocks
+    async def begin_batch_block(self) -> None:
+        """Make the client's current extended-protocol batch one block, ended at its Sync.
+
+        PostgreSQL keeps every statement up to Sync in one implicit transaction; a distributed
+        write there must roll back with a later failure like any other statement. If the node
+        answers the BEGIN with warning 25001, the client's own BEGIN came earlier in the batch
+        (its ReadyForQuery is still to come): the block is the client's and outlives the Sync.
+        """
+        msgs = await self.backend_messages("BEGIN")
+        for t, p in msgs:
+            if t == _E:
+                raise PgError.from_payload(p)
+        self.session.tx_status = pg.TX_BLOCK  # no ReadyForQuery tells it in the middle of a batch
+        self.batch_failed = False
+        self.batch_block = not any(t == _N and pg.parse_error_fields(p).get("C") == "25001" for t, p in msgs)
+
+    async def end_batch_block(self) -> tuple[bytes, bool]:
+        """At the client's Sync: commit the batch's block, or roll it back after an error.
+
+        Returns the answer to the client's Sync (the commit's error, if any, then
+        ReadyForQuery) and whether it is an error. The Sync goes to the node first: after an
+        error there it skips everything until a Sync, and it reports the block failed.
+        """
+        self.batch_block = False
+        s = self.session
+        await s._collect_from_backend(pg.SYNC)
+        # Status I here: a COMMIT of the client's own ended the block inside the batch; its
+        # later distributed writes are then committed like statements after a COMMIT.
+        failed = self.batch_failed or s.tx_status == pg.TX_FAILED
+        kind = "rollback" if failed else "commit"
+        data, error = await self.control(TxControl(kind, kind.upper()), None)
+        return (data if error else b"") + pg.ready_for_query(s.tx_status), error
 
     # ------------------------------------------------------------------ metadata-node statements
     async def backend_messages(self, sql: str) -> list[tuple[int, bytes]]:
@@ -104,14 +151,17 @@ class TxCoordinator:
         if not s._unsynced:
             return await s._collect_from_backend(pg.query(sql))
         body = (
-            pg.parse_message(_INTERNAL, sql)
+            # Closed first too: a statement that failed (fail_backend's, on purpose) left it
+            # prepared, as the node skipped the Closes behind the error.
+            pg.message(b"C", b"S" + pg.cstr(_INTERNAL))
+            + pg.parse_message(_INTERNAL, sql)
             + pg.message(b"B", pg.cstr(_INTERNAL) + pg.cstr(_INTERNAL) + b"\x00\x00\x00\x00\x00\x00")
             + pg.message(b"E", pg.cstr(_INTERNAL) + b"\x00\x00\x00\x00")
             + pg.message(b"C", b"P" + pg.cstr(_INTERNAL))
             + pg.message(b"C", b"S" + pg.cstr(_INTERNAL))
             + pg.FLUSH
         )
-        return await s._collect_until(body, (_CLOSE, _E), count=2)
+        return await s._collect_until(body, (_CLOSE, _E), count=3)
 
     async def backend_rows(self, sql: str) -> list[list[bytes | None]]:
         rows: list[list[bytes | None]] = []

@@ -865,16 +865,7 @@ def test_on_conflict_on_constraint(env: Env) -> None:
     assert ret == [(1, 11), (3, 30), (2, 21)]
 
 
-IMPLICIT_TX_REASON = (
-    "design: a distributed write in the extended protocol commits at once, but PostgreSQL keeps "
-    "every statement up to Sync (a pipeline, psycopg's executemany) in one implicit transaction, "
-    "so a later failure must undo the earlier writes (multi-statement Queries do this already)"
-)
-
-
-@pytest.mark.parametrize(
-    "how", ["multi-statement query", pytest.param("executemany", marks=pytest.mark.xfail(strict=True, reason=IMPLICIT_TX_REASON))]
-)
+@pytest.mark.parametrize("how", ["multi-statement query", "executemany"])
 def test_failure_undoes_the_whole_implicit_transaction(env: Env, how: str) -> None:
     """Statements before Sync form one implicit transaction: one failure leaves nothing."""
     t = "feat_itx_" + ("q" if how.startswith("multi") else "m")

@@ -9,11 +9,13 @@ Tables are named ``tx_*`` (unique to this module) and dropped at the end.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from proxyproc import ProxyProcess
@@ -75,7 +77,7 @@ def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
     finally:
         for (name,) in e.q("SELECT table_name FROM citus_tables WHERE table_name LIKE 'public.tx\\_%'"):
             e.admin.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
-        e.admin.execute("DROP TABLE IF EXISTS tx_local")
+        e.admin.execute("DROP TABLE IF EXISTS tx_local, tx_pipe_local")
         e.admin.close()
         for c in e.nodes:
             c.close()
@@ -326,6 +328,154 @@ def test_multi_statement_query_is_one_transaction(env: Env) -> None:
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         conn.execute(f"INSERT INTO {t} VALUES (1, 1); UPDATE {t} SET v = 5 WHERE id = 1; INSERT INTO {t} VALUES (2, 2)")
     assert env.node_rows(t) == [(1, 5), (2, 2)]
+    assert env.prepared() == []
+
+
+def _pid_last_query(env: Env, pid: int) -> str:
+    """The last statement the metadata node saw on the backend ``pid`` (pg_stat_activity)."""
+    return env.nodes[0].execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+
+
+def test_pipeline_is_one_transaction(env: Env) -> None:
+    """Statements up to a Sync (a psycopg pipeline) are one implicit transaction, as in PostgreSQL.
+
+    A failure undoes the batch's earlier distributed and local writes and skips its later
+    statements; each Sync ends a transaction, so an earlier batch stays when a later one fails.
+    """
+    t = env.table("tx_pipe")
+    local = "tx_pipe_local"
+    env.admin.execute(f"DROP TABLE IF EXISTS {local}")
+    env.admin.execute(f"CREATE TABLE {local} (id int)")
+    ins = f"INSERT INTO {t} VALUES (%s, %s)"
+    with env.connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.pipeline():
+            conn.execute(f"INSERT INTO {local} VALUES (1)")
+            conn.execute(ins, (1, 1))
+            conn.execute(f"UPDATE {t} SET v = 2 WHERE id = %s", (1,))
+            conn.execute(ins, (5, 5))
+            conn.execute(ins, (1, 3))
+            conn.execute(ins, (7, 7))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert env.node_rows(t) == []
+        assert env.q(f"SELECT count(*) FROM {local}") == [(0,)]
+
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.pipeline() as p:
+            conn.execute(ins, (1, 1))
+            conn.execute(ins, (2, 2))
+            p.sync()
+            conn.execute(ins, (3, 3))
+            conn.execute(ins, (1, 9))
+        assert env.node_rows(t) == [(1, 1), (2, 2)]
+
+        with conn.pipeline():
+            conn.execute(f"INSERT INTO {local} VALUES (2)")
+            conn.execute(f"UPDATE {t} SET v = v + 10 WHERE id = ANY(%s)", ([1, 2],))
+            conn.execute(ins, (3, 3))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (3,)
+    assert env.node_rows(t) == [(1, 11), (2, 12), (3, 3)]
+    assert env.q(f"SELECT id FROM {local}") == [(2,)]
+    assert env.prepared() == []
+
+
+def test_executemany_is_one_transaction_with_asyncpg(env: Env) -> None:
+    """asyncpg's executemany (Bind/Execute per row, one Sync) commits all rows or none."""
+    t = env.table("tx_pipe_asyncpg")
+    p = env.proxy
+
+    async def run() -> None:
+        conn = await asyncpg.connect(host=p.host, port=p.port, user=p.user, password=p.password, database=p.dbname)
+        try:
+            ins = f"INSERT INTO {t} VALUES ($1, $2)"
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.executemany(ins, [(i, i) for i in range(20)] + [(3, 0)])
+            assert await conn.fetchval(f"SELECT count(*) FROM {t}") == 0
+            await conn.executemany(ins, [(i, i) for i in range(20)])
+        finally:
+            await conn.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert env.node_rows(t) == [(i, i) for i in range(20)]
+    assert env.prepared() == []
+
+
+def test_pipeline_after_the_clients_begin_stays_the_clients_block(env: Env) -> None:
+    """A batch that holds the client's own BEGIN is the client's block: still open after Sync."""
+    t = env.table("tx_pipe_begin")
+    ins = f"INSERT INTO {t} VALUES (%s, %s)"
+    with env.connect(autocommit=True) as conn:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            conn.execute(ins, (1, 1))
+            conn.execute(ins, (2, 2))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        assert env.node_rows(t) == []
+        conn.execute("ROLLBACK")
+        assert conn.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            conn.execute(ins, (3, 3))
+            conn.execute(ins, (4, 4))
+            conn.execute("COMMIT")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert env.node_rows(t) == [(3, 3), (4, 4)]
+    assert env.prepared() == []
+
+
+def test_lone_statement_batches_keep_the_direct_path(env: Env) -> None:
+    """Parse/Bind/Execute/Sync of one distributed write opens no block (no metadata-node round
+    trip: that connection's last statement stays the same); a batch of several does."""
+    t = env.table("tx_pipe_fast")
+    ins = f"INSERT INTO {t} VALUES (%s, %s)"
+    with env.connect(autocommit=True) as conn:
+        conn.execute(ins, (1, 1))  # the first Parse is described on the metadata node
+        (pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+        for i in range(2, 6):
+            conn.execute(ins, (i, i))
+            conn.execute(ins, (i + 10, i), prepare=True)
+        assert _pid_last_query(env, pid) == "SELECT pg_backend_pid()"
+        with conn.pipeline():
+            conn.execute(ins, (20, 20))
+            conn.execute(ins, (21, 21))
+        assert _pid_last_query(env, pid) == "COMMIT"
+    assert len(env.node_rows(t)) == 11
+    assert env.prepared() == []
+
+
+def test_reference_write_waits_on_the_first_copy_only(env: Env) -> None:
+    """A writer of a locked reference row waits on its first copy (the metadata node's) and has
+    not locked any other: writers of one row queue there, in one order, instead of each holding
+    some copies and waiting for the others (a deadlock across nodes)."""
+    t = env.table("tx_ref_order", reference=True)
+    env.admin.execute(f"INSERT INTO {t} VALUES (1, 0)")
+    errors: list[BaseException] = []
+
+    def lock_waiters(node: psycopg.Connection[Any]) -> int:
+        return node.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            (f"%{t}%",),
+        ).fetchone()[0]
+
+    def write() -> None:
+        try:
+            with env.connect(autocommit=True) as waiter:
+                waiter.execute(f"UPDATE {t} SET v = v + 10 WHERE id = 1")
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    with env.connect() as holder:
+        holder.execute(f"UPDATE {t} SET v = v + 1 WHERE id = 1")
+        th = threading.Thread(target=write)
+        th.start()
+        deadline = time.monotonic() + 10
+        while lock_waiters(env.nodes[0]) == 0:
+            assert time.monotonic() < deadline, "the second writer never waited on the first copy"
+            time.sleep(0.05)
+        assert [lock_waiters(c) for c in env.nodes[1:]] == [0] * (len(env.nodes) - 1)
+        holder.commit()
+    th.join(10)
+    assert not th.is_alive() and not errors, errors
+    assert env.node_rows(t) == [(1, 11)] * len(env.nodes)
     assert env.prepared() == []
 
 
