@@ -24,9 +24,11 @@ from executor.pool import NodePool, PoolManager, PoolSettings
 from executor.protocol import PgError, ProtocolViolation
 from orochi_proxy import (
     chunkadmin,  # noqa: F401  (registers show_chunks/drop_chunks)
+    compressadmin,  # noqa: F401  (registers compress_chunk/decompress_chunk)
     distribute,  # noqa: F401  (registers the distribution admin functions)
     hypertable,  # noqa: F401  (registers the hypertable admin functions)
     jobadmin,  # noqa: F401  (registers add_job/alter_job/delete_job/run_job)
+    policyadmin,  # noqa: F401  (registers the retention/compression policies and their job procedures)
 )
 from orochi_proxy.callstmt import CallInterceptor
 from orochi_proxy.catalog import Catalog

@@ -322,3 +322,49 @@ def test_crash_during_compression_leaves_correct_data(
     assert env.q(check) == expected
     env.q(f"SELECT decompress_chunk('{chunk}')")
     assert env.q(check) == expected
+
+
+def test_retention_and_compression_policies_run_as_jobs(env: Env) -> None:
+    """add_*_policy schedule jobs that the proxy's scheduler runs at once (first run due now)."""
+    import time
+
+    env.q("CREATE TABLE ht_pol (time timestamptz NOT NULL, device int NOT NULL, v float8)")
+    env.q("SELECT create_hypertable('ht_pol', 'time', chunk_time_interval => INTERVAL '1 day')")
+    env.q("INSERT INTO ht_pol SELECT now() - g * interval '1 hour', g % 3, g FROM generate_series(0, 10 * 24 - 1) g")
+    rows_before = env.q("SELECT time, device, v FROM ht_pol ORDER BY time")
+    env.q("ALTER TABLE ht_pol SET (timescaledb.compress, timescaledb.compress_segmentby = 'device')")
+    with pytest.raises(psycopg.Error):
+        env.q("SELECT add_retention_policy('ht_pol')")  # drop_after is required
+    (retention,) = env.q("SELECT add_retention_policy('ht_pol', INTERVAL '7 days')")[0]
+    (compression,) = env.q("SELECT add_compression_policy('ht_pol', compress_after => INTERVAL '2 days')")[0]
+    with pytest.raises(psycopg.Error) as err:
+        env.q("SELECT add_retention_policy('ht_pol', INTERVAL '1 day')")
+    assert sqlstate(err.value) == "42710"
+    assert env.q("SELECT add_retention_policy('ht_pol', INTERVAL '1 day', if_not_exists => true)") == [(-1,)]
+    jobs = env.q("SELECT proc_name, hypertable_name FROM timescaledb_information.jobs WHERE hypertable_name = 'ht_pol' ORDER BY job_id")
+    assert jobs == [("policy_retention", "ht_pol"), ("policy_compression", "ht_pol")]
+    deadline = time.monotonic() + 60
+    stats: list = []
+    while time.monotonic() < deadline:
+        stats = env.q(
+            f"SELECT job_id, last_run_status, total_successes FROM timescaledb_information.job_stats "
+            f"WHERE job_id IN ({retention}, {compression}) ORDER BY job_id"
+        )
+        if len(stats) == 2 and all(s[2] and s[2] >= 1 for s in stats):
+            break
+        time.sleep(0.5)
+    assert [(s[0], s[1]) for s in stats] == [(retention, "Success"), (compression, "Success")], stats
+    env.q("SELECT 1")
+    chunks = env.q("SELECT range_start, range_end, is_compressed, now() FROM timescaledb_information.chunks WHERE hypertable_name = 'ht_pol'")
+    now = chunks[0][3]
+    import datetime as dt
+
+    assert all(r[1] > now - dt.timedelta(days=7) for r in chunks)  # older chunks dropped
+    assert all(r[2] == (r[1] <= now - dt.timedelta(days=2)) for r in chunks if r[1] <= now - dt.timedelta(days=2, minutes=-1) or r[1] > now - dt.timedelta(days=2, minutes=1))
+    assert sum(1 for r in chunks if r[2]) >= 4
+    oldest = min(r[0] for r in chunks)
+    assert env.q("SELECT time, device, v FROM ht_pol ORDER BY time") == [r for r in rows_before if r[0] >= oldest]
+    env.q("SELECT remove_retention_policy('ht_pol')")
+    assert env.q("SELECT remove_compression_policy('ht_pol')") == [(True,)]
+    assert env.q("SELECT remove_compression_policy('ht_pol', if_exists => true)") == [(False,)]
+    assert env.q("SELECT count(*) FROM timescaledb_information.jobs WHERE hypertable_name = 'ht_pol'") == [(0,)]
