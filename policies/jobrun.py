@@ -345,7 +345,7 @@ class JobRunner:
         async with conn.transaction():
             await conn.execute(
                 f"UPDATE {SCHEMA}.job_runs SET finished_at = now(), succeeded = $2, sqlerrcode = $3, "
-                "err_message = $4 WHERE run_id = $1",
+                "err_message = $4 WHERE run_id = $1 AND finished_at IS NULL",
                 claim.run_id, ok, sqlstate, message,
             )
             row = await conn.fetchrow(

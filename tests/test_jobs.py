@@ -430,14 +430,68 @@ def test_two_proxies_run_each_due_run_once(pair: Env) -> None:
         slots = [int((r[0] - origin).total_seconds()) for r in runs]
         assert slots == sorted(set(slots)), slots
         assert pair.m("SELECT count(*) FROM ticks WHERE job_id = %s", (job,)) == [(len(runs),)]
-        # exactly one session holds the leader lock
-        assert pair.m(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND (classid::bigint << 32 | objid::bigint) = %s",
-            (0x6F726F6368690002,),
-        ) == [(1,)]
+        # one session holds the leader lock
+        assert _leader_backend(pair) is not None
     finally:
+        pair.q("SELECT delete_job(%s)", (job,))
+
+
+def _leader_backend(env: Env) -> int | None:
+    rows = env.m(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND (classid::bigint << 32 | objid::bigint) = %s",
+        (0x6F726F6368690002,),
+    )
+    return rows[0][0] if rows else None
+
+
+def test_a_replica_takes_over_when_the_leader_connection_drops(pair: Env) -> None:
+    (job,) = pair.q("SELECT add_job('tick', '1 s', config => '{\"tag\": \"takeover\"}')")[0]
+    frozen: ProxyProcess | None = None
+    try:
+        first = pair.wait_for("a run", lambda: [r for r in pair.runs(job) if r[1] is not None])[0]
+        leader = next(p for p in pair.proxies if p.process.pid == _runner_pid(first[4]))
+        other = next(p for p in pair.proxies if p is not leader)
+        old_backend = _leader_backend(pair)
+        # Between two runs (a leader frozen mid-run would keep the job's lease), freeze the
+        # leader so it cannot reconnect, then cut its leader connection.
+        pair.wait_for(
+            "a pause between runs",
+            lambda: pair.m(
+                "SELECT running_run_id IS NULL AND next_start > now() + interval '0.3 s' "
+                "FROM orochi_catalog.jobs WHERE job_id = %s",
+                (job,),
+            )[0][0],
+        )
+        os.kill(leader.process.pid, signal.SIGSTOP)
+        frozen = leader
+        pair.m("SELECT pg_terminate_backend(%s)", (old_backend,))
+        pair.wait_for(
+            "a run by the other proxy",
+            lambda: [r for r in pair.runs(job) if r[1] is True and _runner_pid(r[4]) == other.process.pid],
+            timeout=5,
+        )
+        new_backend = _leader_backend(pair)
+        assert new_backend not in (None, old_backend)
+        # The old leader wakes up, finds its leadership gone, and does not run the job too.
+        os.kill(leader.process.pid, signal.SIGCONT)
+        frozen = None
+        mark = len(pair.runs(job))
+        time.sleep(2.5)
+        later = pair.runs(job)[mark:]
+        assert later and {_runner_pid(r[4]) for r in later} == {other.process.pid}, later
+        assert _leader_backend(pair) == new_backend
+        pair.q("SELECT alter_job(%s, scheduled => false)", (job,))
+        time.sleep(0.5)
+        runs = pair.runs(job)
+        (origin,) = pair.m("SELECT initial_start FROM orochi_catalog.jobs WHERE job_id = %s", (job,))[0]
+        slots = [int((r[0] - origin).total_seconds()) for r in runs]
+        assert slots == sorted(set(slots)), slots
+        assert pair.m("SELECT count(*) FROM ticks WHERE job_id = %s", (job,)) == [(len(runs),)]
+    finally:
+        if frozen is not None:
+            os.kill(frozen.process.pid, signal.SIGCONT)
         pair.q("SELECT delete_job(%s)", (job,))
 
 
