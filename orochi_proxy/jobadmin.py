@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
+
 from executor import protocol as pg
 from executor.protocol import PgError
 from orochi_proxy.localexec import (
@@ -190,7 +192,12 @@ async def run_job(server: ProxyServer, a: dict[str, Any], session: Session | Non
     job_id = a["job_id"]
     if job_id is None:
         raise PgError("22004", "job_id must not be NULL")
-    result = await server.jobs.runner.run(job_id, origin="run_job")
+    try:
+        result = await server.jobs.runner.run(job_id, origin="run_job")
+    except asyncpg.PostgresError as exc:  # claiming or recording the run failed, not the job
+        raise PgError(getattr(exc, "sqlstate", None) or "XX000", f"could not run job {job_id}: {exc}") from None
+    except (OSError, asyncpg.InterfaceError) as exc:
+        raise PgError("08006", f"could not run job {job_id}: lost the metadata database ({exc})") from None
     if result.skipped == "not found":
         raise jobs.not_found(job_id)
     if result.skipped == "running":

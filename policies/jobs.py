@@ -153,16 +153,17 @@ def interval_sql(value: IntervalLike) -> str:
 
 
 def _opt(value: Any, cast: str) -> str:
+    """A SQL literal of type ``cast`` for a Python value (NULL for None)."""
     if value is None:
         return f"NULL::{cast}"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
     if cast == "interval":
         return interval_sql(value)
     if cast == "jsonb" and not isinstance(value, str):
         value = json.dumps(dict(value))
+    elif isinstance(value, bool):
+        return "true" if value else "false"
+    elif isinstance(value, int):
+        return str(value)
     return f"{quote_literal(str(value))}::{cast}"
 
 
@@ -238,7 +239,6 @@ async def check_config(
         )
         verb = "CALL" if kind and kind[0][0] == "p" else "SELECT"
         await sql(f"{verb} {qualified_name(*check)}({_opt(config, 'jsonb')})")
-
 
 
 async def add_job(

@@ -47,6 +47,13 @@ CREATE PROCEDURE boom(job_id int, config jsonb) LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 / 0;
 END $$;
+-- TimescaleDB's check_config: validates a config before add_job/alter_job store it.
+CREATE FUNCTION needs_tag(config jsonb) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF config->>'tag' IS NULL THEN
+        RAISE EXCEPTION 'config needs a tag' USING ERRCODE = '22023';
+    END IF;
+END $$;
 -- Sleeps, then records itself: a run cut short leaves no row.
 CREATE PROCEDURE sleepy(job_id int, config jsonb) LANGUAGE plpgsql AS $$
 BEGIN
@@ -291,6 +298,19 @@ def test_alter_job_answers_like_timescaledb(env: Env) -> None:
             env.q("SELECT alter_job(%s, schedule_interval => '0 s')", (job,))
         with pytest.raises(psycopg.errors.InvalidTextRepresentation):
             env.q("SELECT alter_job(%s, config => 'not json')", (job,))
+        # a check_config function sees every new config first
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="config needs a tag"):
+            env.q("SELECT add_job('tick', '1 h', config => '{}', check_config => 'needs_tag')")
+        (checked,) = env.q("SELECT add_job('tick', '1 h', config => '{\"tag\": \"c\"}', check_config => 'needs_tag', scheduled => false)")[0]
+        try:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="config needs a tag"):
+                env.q("SELECT alter_job(%s, config => '{\"other\": 1}')", (checked,))
+            assert env.q("SELECT check_schema, check_name FROM timescaledb_information.jobs WHERE job_id = %s", (checked,)) == [
+                ("public", "needs_tag")
+            ]
+            assert env.q("SELECT * FROM alter_job(%s)", (checked,))[0][8] == "public.needs_tag"
+        finally:
+            env.q("SELECT delete_job(%s)", (checked,))
         # inside a transaction block alter_job is part of it: committed or rolled back with it
         with env.client.transaction():
             env.q("SELECT alter_job(%s, max_retries => 7)", (job,))
