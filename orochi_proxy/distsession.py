@@ -288,7 +288,11 @@ class DistributedRunner:
             # answered by the metadata node as PostgreSQL would (with its notice dropped).
             return await _run_tagged(self, action.sql)
 
-        tag = await run_copy(self, action)
+        from orochi_proxy.caggs import run_statement as run_cagg_statement
+
+        tag = await run_cagg_statement(self, action.stmt)
+        if tag is None:
+            tag = await run_copy(self, action)
         if tag is None:
             tag = await run_ddl(self, action)
         if tag is None:

@@ -81,6 +81,29 @@ class ServerChunkOps:
                 raise
 
 
+    async def refresh_continuous_aggregate(self, cagg_id: int, start_offset: Any, end_offset: Any) -> None:
+        from orochi_proxy import caggs
+
+        async def sql(text: str) -> list[list[str | None]]:
+            pool = self.server.metadata_pool(self.database)
+            conn = await pool.acquire()
+            try:
+                rows = await conn.simple_query(text)
+            finally:
+                pool.release(conn, reset=not conn.usable)
+            return [[None if v is None else v.decode() for v in r] for r in rows]
+
+        cagg = await caggs.load_by_id(sql, cagg_id)
+        edges = []
+        for offset in (start_offset, end_offset):
+            if offset is None:
+                edges.append(None)
+            else:
+                rows = await sql(f"SELECT (now() - {quote_literal(str(offset))}::interval)::text")
+                edges.append(rows[0][0])
+        await caggs.refresh(self.server, self.database, cagg, edges[0], edges[1])
+
+
 lifecycle.set_ops_factory(ServerChunkOps)
 
 

@@ -23,9 +23,11 @@ from executor.backend import BackendConnection
 from executor.pool import NodePool, PoolManager, PoolSettings
 from executor.protocol import PgError, ProtocolViolation
 from orochi_proxy import (
+    caggs,  # noqa: F401  (registers the continuous aggregate functions)
     chunkadmin,  # noqa: F401  (registers show_chunks/drop_chunks)
     compressadmin,  # noqa: F401  (registers compress_chunk/decompress_chunk)
     distribute,  # noqa: F401  (registers the distribution admin functions)
+    hypersize,  # noqa: F401  (registers hypertable_size, chunks_detailed_size, compression stats)
     hypertable,  # noqa: F401  (registers the hypertable admin functions)
     jobadmin,  # noqa: F401  (registers add_job/alter_job/delete_job/run_job)
     policyadmin,  # noqa: F401  (registers the retention/compression policies and their job procedures)
@@ -460,7 +462,7 @@ class ProxyServer:
 
     def _make_router(self) -> Interceptor:
         model = self.catalog.model
-        names = {name for _, name in model.tables}
+        names = {name for _, name in model.tables} | {name for _, name in self.catalog.caggs}
         return CallInterceptor(
             REGISTRY.functions.keys(),
             ADMIN_VIEWS,
@@ -469,7 +471,9 @@ class ProxyServer:
             is_catalog_table=self._is_catalog_table,
         )
 
-    def _is_catalog_table(self, schema: str | None, name: str) -> bool:
+    def _is_catalog_table(self, schema: str | None, name: str, matview: bool = False) -> bool:
+        if matview:  # DROP MATERIALIZED VIEW of a continuous aggregate
+            return any(n == name and schema in (None, s) for s, n in self.catalog.caggs)
         tables = self.catalog.model.tables
         if schema is not None:
             return (schema, name) in tables

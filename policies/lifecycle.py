@@ -33,6 +33,8 @@ class ChunkOps(Protocol):
 
     async def compress(self, table: TableInfo, chunk: ChunkInfo) -> None: ...
 
+    async def refresh_continuous_aggregate(self, cagg_id: int, start_offset: Any, end_offset: Any) -> None: ...
+
 
 _ops_factory: Callable[[Any], ChunkOps] | None = None
 
@@ -92,3 +94,14 @@ async def policy_compression(ctx: JobContext, config: dict[str, Any]) -> None:
     for chunk in chunks_older_than(table, cutoff, tier="hot"):
         ctx.log.info("compression job %s: compressing %s", ctx.job_id, chunk.qualified)
         await ops.compress(table, chunk)
+
+
+def _check_cagg(config: dict[str, Any]) -> None:
+    if not isinstance(config.get("mat_hypertable_id"), int):
+        raise PgError("22023", "config must have an integer mat_hypertable_id")
+
+
+@job_proc("policy_refresh_continuous_aggregate", application_name="Refresh Continuous Aggregate Policy", check=_check_cagg)
+async def policy_refresh_continuous_aggregate(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Refresh the window ``[now() - start_offset, now() - end_offset)`` (NULL: unbounded)."""
+    await _ops(ctx).refresh_continuous_aggregate(int(config["mat_hypertable_id"]), config.get("start_offset"), config.get("end_offset"))

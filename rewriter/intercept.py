@@ -320,6 +320,11 @@ def _mentions(stmt: ast.Node, is_catalog_table) -> bool:
     if isinstance(stmt, ast.DropStmt):
         if stmt.removeType == ObjectType.OBJECT_INDEX:
             return True
+        if stmt.removeType == ObjectType.OBJECT_MATVIEW:
+            return any(
+                is_catalog_table(names[-2] if len(names) >= 2 else None, names[-1], True)
+                for names in ([x.sval for x in obj] for obj in stmt.objects or ())
+            )
         if stmt.removeType == ObjectType.OBJECT_TABLE:
             for obj in stmt.objects or ():
                 names = [x.sval for x in obj]

@@ -368,3 +368,34 @@ def test_retention_and_compression_policies_run_as_jobs(env: Env) -> None:
     assert env.q("SELECT remove_compression_policy('ht_pol')") == [(True,)]
     assert env.q("SELECT remove_compression_policy('ht_pol', if_exists => true)") == [(False,)]
     assert env.q("SELECT count(*) FROM timescaledb_information.jobs WHERE hypertable_name = 'ht_pol'") == [(0,)]
+
+
+def test_continuous_aggregate_materializes_the_rollup(env: Env) -> None:
+    env.q("CREATE TABLE ht_cagg (time timestamptz NOT NULL, device int NOT NULL, v float8)")
+    env.q("SELECT create_hypertable('ht_cagg', 'time', 'device', 3, chunk_time_interval => INTERVAL '1 day')")
+    env.q("INSERT INTO ht_cagg SELECT timestamptz '2024-10-01' + g * interval '5 minutes', g % 4, g % 50 "
+          "FROM generate_series(0, 3 * 288 - 1) g")
+    rollup = ("SELECT time_bucket(INTERVAL '1 hour', time) AS bucket, device, count(*) AS n, sum(v) AS total, "
+              "max(v) AS top FROM ht_cagg GROUP BY bucket, device")
+    env.q(f"CREATE MATERIALIZED VIEW ht_cagg_hourly WITH (timescaledb.continuous) AS {rollup}")
+    expected = env.q(f"{rollup} ORDER BY bucket, device")
+    assert env.q("SELECT * FROM ht_cagg_hourly ORDER BY bucket, device") == expected
+    assert len(expected) == 3 * 24 * 4
+    info = env.q("SELECT view_name, hypertable_name, materialized_only FROM timescaledb_information.continuous_aggregates WHERE view_name = 'ht_cagg_hourly'")
+    assert info == [("ht_cagg_hourly", "ht_cagg", True)]
+    # New data is not visible until a refresh of its window; a refresh touches only whole buckets.
+    env.q("INSERT INTO ht_cagg VALUES ('2024-10-02 10:10+00', 1, 1000), ('2024-10-02 11:10+00', 2, 2000)")
+    assert env.q("SELECT max(top) FROM ht_cagg_hourly") == [(49.0,)]
+    env.admin.execute("CALL refresh_continuous_aggregate('ht_cagg_hourly', '2024-10-02 10:30+00', '2024-10-02 12:00+00')")
+    # [10:30, 12:00) holds only the whole bucket 11:00: 10:00 is not refreshed yet.
+    assert env.q("SELECT bucket, device, top FROM ht_cagg_hourly WHERE top >= 1000") == [
+        (env.q("SELECT timestamptz '2024-10-02 11:00+00'")[0][0], 2, 2000.0)
+    ]
+    env.admin.execute("CALL refresh_continuous_aggregate('ht_cagg_hourly', '2024-10-02 00:00+00', NULL)")
+    assert env.q("SELECT * FROM ht_cagg_hourly ORDER BY bucket, device") == env.q(f"{rollup} ORDER BY bucket, device")
+    (job,) = env.q("SELECT add_continuous_aggregate_policy('ht_cagg_hourly', start_offset => NULL, end_offset => NULL, schedule_interval => INTERVAL '1 hour')")[0]
+    assert env.q(f"SELECT proc_name FROM timescaledb_information.jobs WHERE job_id = {job}") == [("policy_refresh_continuous_aggregate",)]
+    env.q("SELECT remove_continuous_aggregate_policy('ht_cagg_hourly')")
+    env.q("DROP MATERIALIZED VIEW ht_cagg_hourly")
+    assert env.q("SELECT to_regclass('ht_cagg_hourly')") == [(None,)]
+    assert env.q("SELECT count(*) FROM timescaledb_information.continuous_aggregates WHERE view_name = 'ht_cagg_hourly'") == [(0,)]
