@@ -41,6 +41,7 @@ from executor.tasks import run_on
 from orochi_proxy.chunks import ChunkRouter
 from rewriter.intercept import Distributed
 from rewriter.model import TableInfo
+from rewriter.quoting import qualified_name, quote_ident
 
 if TYPE_CHECKING:
     from orochi_proxy.distsession import DistributedRunner
@@ -91,6 +92,29 @@ def _options(stmt: ast.CopyStmt) -> dict[str, object]:
 def _shard_copy_sql(stmt: ast.CopyStmt, table: TableInfo, shard_name: str, *, drop_header: bool) -> str:
     s = copymod.deepcopy(stmt)
     s.relation = ast.RangeVar(schemaname=table.schema, relname=shard_name, inh=True, relpersistence="p")
+    if drop_header and s.options:
+        s.options = tuple(d for d in s.options if d.defname != "header") or None
+    return RawStream()(s)
+
+
+def _hypertable_copy_sql(stmt: ast.CopyStmt, table: TableInfo, shard_index: int, *, drop_header: bool) -> str:
+    """``COPY (SELECT ...) TO STDOUT`` of one hypertable shard: PostgreSQL cannot COPY a
+    partitioned table directly, and compressed chunks are read through their segments."""
+    from pglast import parse_sql
+
+    from executor.hyperread import shard_with_segments
+    from rewriter import timerange
+
+    ht = table.hypertable
+    assert ht is not None
+    columns = [c.sval for c in stmt.attlist] if stmt.attlist else list(table.columns)
+    warm = [c for c in ht.chunks if c.shard_index == shard_index and c.tier == "warm"]
+    parent = qualified_name(table.schema, table.shard_name(table.shards[shard_index]))
+    source = f"({shard_with_segments(table, ht, shard_index, warm, timerange.FULL)}) AS s" if warm else parent
+    s = copymod.deepcopy(stmt)
+    s.relation = None
+    s.attlist = None
+    s.query = parse_sql(f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {source}")[0].stmt
     if drop_header and s.options:
         s.options = tuple(d for d in s.options if d.defname != "header") or None
     return RawStream()(s)
@@ -312,7 +336,10 @@ async def copy_to_stdout(runner: DistributedRunner, stmt: ast.CopyStmt, table: T
         ncols = len(stmt.attlist) if stmt.attlist else len(table.columns)
         shards = table.shards[:1] if table.is_reference else table.shards
         for i, shard in enumerate(shards):
-            sql = _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=i > 0)
+            if table.hypertable is not None:
+                sql = _hypertable_copy_sql(stmt, table, i, drop_header=i > 0)
+            else:
+                sql = _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=i > 0)
             jobs.append((shard.node_ids[0], sql))
     else:
         plan = query_plan

@@ -267,6 +267,11 @@ async def undistribute_table(server: ProxyServer, a: dict[str, Any], session: Se
     table = server.catalog.model.tables.get((schema, name))
     if table is None:
         raise PgError("42809", f'table "{name}" is not distributed')
+    if table.hypertable is not None:
+        raise PgError(
+            "0A000", f'undistribute_table() of hypertable "{name}" is not supported',
+            hint=f"Copy its rows out (COPY {name} TO STDOUT) into a new table instead.",
+        )
     target = qualified_name(schema, name)
     shards = table.shards if not table.is_reference else table.shards[:1]
     for shard in shards:

@@ -399,3 +399,19 @@ def test_continuous_aggregate_materializes_the_rollup(env: Env) -> None:
     env.q("DROP MATERIALIZED VIEW ht_cagg_hourly")
     assert env.q("SELECT to_regclass('ht_cagg_hourly')") == [(None,)]
     assert env.q("SELECT count(*) FROM timescaledb_information.continuous_aggregates WHERE view_name = 'ht_cagg_hourly'") == [(0,)]
+
+
+def test_copy_to_stdout_reads_hot_and_compressed_chunks(env: Env) -> None:
+    env.q("CREATE TABLE ht_out (time timestamptz NOT NULL, device int NOT NULL, v int)")
+    env.q("SELECT create_hypertable('ht_out', 'time', 'device', 2, chunk_time_interval => INTERVAL '1 day')")
+    env.q("INSERT INTO ht_out SELECT timestamptz '2024-11-01' + g * interval '1 hour', g % 3, g FROM generate_series(0, 71) g")
+    env.q("ALTER TABLE ht_out SET (timescaledb.compress, timescaledb.compress_segmentby = 'device')")
+    for (name,) in env.q("SELECT show_chunks('ht_out', older_than => '2024-11-02 00:00+00')"):
+        env.q(f"SELECT compress_chunk('{name}')")
+    with env.connect(autocommit=True) as c:
+        with c.cursor().copy("COPY ht_out (v, device) TO STDOUT") as cp:
+            rows = sorted(tuple(int(x) for x in r) for r in cp.rows())
+    assert rows == sorted((g, g % 3) for g in range(72))
+    with pytest.raises(psycopg.Error) as err:
+        env.q("SELECT undistribute_table('ht_out')")
+    assert sqlstate(err.value) == "0A000"
