@@ -20,6 +20,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def test_failure_is_recorded_retried_and_stopped_by_max_retries(env: Env) -> Non
             (job,),
         )
         assert stats == [("Failed", "Paused", None, 3, 0, 3)]
-        time.sleep(1.5)
+        time.sleep(1.0)
         assert len(env.runs(job)) == 3  # stopped retrying
     finally:
         env.q("SELECT delete_job(%s)", (job,))
@@ -418,13 +419,14 @@ def test_information_views_have_timescaledb_columns(env: Env) -> None:
 def pair(cluster: LocalCluster, make_db: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     db = make_db()
     tmp = tmp_path_factory.mktemp("jobs-pair")
-    proxies = [_start(tmp, cluster, db, "pair-a")]
-    try:
-        proxies.append(_start(tmp, cluster, db, "pair-b"))
-    except BaseException:
-        proxies[0].stop()
-        raise
-    e = Env(cluster, db, proxies)
+    with ThreadPoolExecutor(2) as pool:  # start both at once: each start waits for its port
+        futures = [pool.submit(_start, tmp, cluster, db, name) for name in ("pair-a", "pair-b")]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < 2:
+        for p in started:
+            p.stop()
+        raise next(f.exception() for f in futures if f.exception() is not None)  # type: ignore[misc]
+    e = Env(cluster, db, started)
     try:
         yield e
     finally:
