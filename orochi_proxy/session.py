@@ -745,11 +745,13 @@ class Session:
             self.tx_statements[msg.name] = tc
 
     def _on_bind(self, payload: bytes, frame: bytes) -> None:
+        client_stmt: str | None = None  # the client's name, when the node's differs (pooling)
         if self.client_statements:
             portal, pos = pg.read_cstr(payload, 0)
             stmt_name, pos2 = pg.read_cstr(payload, pos)
             bname = self._statement_ref(stmt_name)
             if bname is not None:
+                client_stmt = stmt_name
                 payload = pg.cstr(portal) + pg.cstr(bname) + payload[pos2:]
                 frame = pg.message(b"B", payload)
         if not (
@@ -761,7 +763,9 @@ class Session:
         portal, pos = pg.read_cstr(payload, 0)
         stmt_name = pg.read_cstr(payload, pos)[0]
         if self.tx_statements or self.tx_portals:
-            tc = self.tx_statements.get(stmt_name)
+            # Known by the client's name: a prepared COMMIT missed here went to the node alone,
+            # and the node transactions of the block were rolled back behind its success.
+            tc = self.tx_statements.get(client_stmt if client_stmt is not None else stmt_name)
             if tc is None:
                 self.tx_portals.pop(portal, None)
             else:

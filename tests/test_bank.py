@@ -78,9 +78,10 @@ class Ledger:
 
 
 class Bank:
-    def __init__(self, cluster: LocalCluster, tmp: Path) -> None:
+    def __init__(self, cluster: LocalCluster, tmp: Path, pool_mode: str) -> None:
         self.cluster = cluster
         self.tmp = tmp
+        self.pool_mode = pool_mode
         self.port = free_port()
         self.generation = 0
         self.proxy = self._start_proxy()
@@ -92,7 +93,7 @@ class Bank:
             self.tmp,
             self.cluster,
             name=f"bank{self.generation}",
-            server={"port": self.port},
+            server={"port": self.port, "pool_mode": self.pool_mode},
             backend={"recovery_interval": 1, "transaction_lock_timeout": "5s"},
         )
 
@@ -218,12 +219,16 @@ def _chaos(bank: Bank, stop: threading.Event, seed: int, errors: list[BaseExcept
         stop.set()
 
 
-def test_bank_invariant_under_faults(bank_cluster: LocalCluster, tmp_path: Path) -> None:
-    bank = Bank(bank_cluster, tmp_path)
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_bank_invariant_under_faults(bank_cluster: LocalCluster, tmp_path: Path, pool_mode: str) -> None:
+    """The invariants above, with clients holding a metadata-node connection for their whole
+    session (``session``) or only inside each transaction (``transaction`` pooling)."""
+    bank = Bank(bank_cluster, tmp_path, pool_mode)
     try:
         with psycopg.connect(bank.dsn(), autocommit=True) as a:
             for n in bank_cluster.nodes:
                 a.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+            a.execute("DROP TABLE IF EXISTS accounts, transfers")  # the other pool mode's run
             a.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
             a.execute(f"SELECT create_distributed_table('accounts', 'id', shard_count => {SHARDS})")
             a.execute(

@@ -120,6 +120,55 @@ def test_failed_transaction_does_not_poison_the_next_client(pooled: ProxyProcess
             assert b.execute("SELECT 42").fetchone() == (42,)
 
 
+def _node_ids(cluster: LocalCluster, proxy: ProxyProcess, lo: int, hi: int) -> list[int]:
+    """Ids in [lo, hi) of ``txp_items``, read from its shards on the nodes directly."""
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        shards = conn.execute(
+            "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'public.txp_items'"
+        ).fetchall()
+    ports = {n.port: n for n in cluster.nodes}
+    ids: list[int] = []
+    for shard, port in shards:
+        with psycopg.connect(ports[int(port)].dsn(), autocommit=True) as c:
+            ids += [r[0] for r in c.execute(f"SELECT id FROM {shard} WHERE id >= %s AND id < %s", (lo, hi))]
+    return sorted(ids)
+
+
+def test_prepared_commit_and_rollback_end_distributed_blocks(pooled: ProxyProcess, cluster: LocalCluster) -> None:
+    """BEGIN/COMMIT/ROLLBACK as prepared statements (psycopg prepares every statement it runs
+    often; here all of them): the proxy must see them as transaction control under the client's
+    statement names, not the node-side ones; a COMMIT that went to the metadata node alone
+    answered COMMIT while the nodes' part of the block was rolled back."""
+    ins = "INSERT INTO txp_items VALUES (%s, 0)"
+    with psycopg.connect(pooled.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for round_ in range(3):
+            base = 5000 + 100 * round_
+            conn.execute("BEGIN")
+            for i in range(base, base + 6):
+                conn.execute(ins, (i,))
+            assert conn.execute("COMMIT").statusmessage == "COMMIT"
+            conn.execute("BEGIN")
+            conn.execute(ins, (base + 50,))
+            conn.execute("ROLLBACK")
+            assert _node_ids(cluster, pooled, base, base + 100) == list(range(base, base + 6))
+        conn.execute("DELETE FROM txp_items WHERE id >= 5000 AND id < 6000")
+
+
+def test_pipeline_is_one_transaction_in_transaction_mode(pooled: ProxyProcess, cluster: LocalCluster) -> None:
+    """A pipeline with distributed writes commits or rolls back whole, as in session mode."""
+    ins = "INSERT INTO txp_items VALUES (%s, 0)"
+    with psycopg.connect(pooled.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.pipeline():
+            for i in (6000, 6001, 6002, 6000):
+                conn.execute(ins, (i,))
+        assert _node_ids(cluster, pooled, 6000, 6100) == []
+        with conn.pipeline():
+            for i in (6000, 6001, 6002):
+                conn.execute(ins, (i,))
+        assert _node_ids(cluster, pooled, 6000, 6100) == [6000, 6001, 6002]
+        conn.execute("DELETE FROM txp_items WHERE id >= 6000 AND id < 6100")
+
+
 def test_a_thousand_clients_share_the_bounded_pool(pooled: ProxyProcess, cluster: LocalCluster) -> None:
     """1000 concurrent asyncpg connections doing short transactions, some of them distributed writes."""
     baseline = _client_backends(cluster)
