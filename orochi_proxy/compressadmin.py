@@ -201,6 +201,14 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
             await server.catalog.set_chunk_tier(chunk.chunk_id, "warm")
         if faults.ARMED:
             await faults.reached("compress_marked")
+        # chunk_compression_stats' "before" side: the heap's size while it still holds every
+        # row (empty companion: a first run or a re-run after a crash); compressing rows
+        # inserted since keeps the first figure.
+        (size, first), = await conn.simple_query(
+            f"SELECT pg_total_relation_size({quote_literal(chunk.qualified)}::regclass), NOT EXISTS (SELECT FROM {companion})"
+        )
+        if first == b"t":
+            await server.catalog.record_chunk_size(chunk.chunk_id, int(size))  # type: ignore[arg-type]
         before = await conn.simple_query(f"SELECT count(*) FROM {chunk.qualified}")
         await _in_transaction(conn, compression.compress_sql(chunk.schema, chunk.name, columns, settings, ht.time_column))
         await conn.simple_query(f"VACUUM {chunk.qualified}")
