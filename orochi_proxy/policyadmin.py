@@ -65,6 +65,15 @@ class ServerChunkOps:
         ht = current.hypertable if current is not None else None
         return next((c for c in ht.chunks if c.chunk_id == chunk.chunk_id), None) if ht is not None else None
 
+    async def _exists_on_node(self, table: TableInfo, chunk: ChunkInfo) -> bool:
+        pool = self.server.node_pool(table.shards[chunk.shard_index].node_ids[0], self.database)
+        conn = await pool.acquire()
+        try:
+            rows = await conn.simple_query(f"SELECT to_regclass({quote_literal(chunk.qualified)}) IS NOT NULL")
+        finally:
+            pool.release(conn, reset=not conn.usable)
+        return rows[0][0] == b"t"
+
     async def compress(self, table: TableInfo, chunk: ChunkInfo) -> None:
         """Compress ``chunk`` unless it is gone: a retention run (or drop_chunks) may drop it
         between the policy's chunk list and this call; that is not a failure of the policy."""
@@ -74,11 +83,9 @@ class ServerChunkOps:
         try:
             await compress(self.server, self.database, table, live)
         except PgError as exc:
-            if exc.sqlstate != "42P01":
+            if exc.sqlstate != "42P01" or await self._exists_on_node(table, live):
                 raise
-            await self.server.catalog.reload()
-            if self._live(table, chunk) is not None:
-                raise
+            # Dropped on its node by a concurrent retention run, which forgets it next.
 
 
     async def refresh_continuous_aggregate(self, cagg_id: int, start_offset: Any, end_offset: Any) -> None:
