@@ -17,6 +17,7 @@ back into the heap in one transaction, then ``hot``, then the companion is dropp
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from pglast import ast
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from orochi_proxy.session import Session
 
 COMPRESS_LOCK_TIMEOUT = "30s"
+# Between marking a chunk warm and moving its rows (see compress()): covers the NOTIFY delay of
+# connected replicas, not a replica whose LISTEN connection is down (README, limits).
+REPLICA_PROPAGATION_WAIT = 0.5
 
 
 # ------------------------------------------------------------------------ ALTER TABLE SET
@@ -199,6 +203,9 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
             await faults.reached("compress_created")
         if chunk.tier != "warm":
             await server.catalog.set_chunk_tier(chunk.chunk_id, "warm")
+            # Other proxy replicas learn "warm" from the catalog's NOTIFY (milliseconds); one
+            # that still thought the chunk hot once its rows moved would read its heap alone.
+            await asyncio.sleep(REPLICA_PROPAGATION_WAIT)
         if faults.ARMED:
             await faults.reached("compress_marked")
         # chunk_compression_stats' "before" side: the heap's size while it still holds every
