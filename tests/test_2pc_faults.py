@@ -195,7 +195,14 @@ class Prefetch:
         for n in self._order[i : i + 1 + self.AHEAD]:
             if n not in self._futures:
                 self._futures[n] = self._pool.submit(self._start[n])
-        return self._futures[name].result()
+        try:
+            return self._futures[name].result()
+        except Exception:  # noqa: BLE001 - started ahead while an earlier case had a node down
+            proxy = self._start[name]()
+            done: Future[ProxyProcess] = Future()
+            done.set_result(proxy)
+            self._futures[name] = done
+            return proxy
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
