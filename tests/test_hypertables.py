@@ -415,3 +415,28 @@ def test_copy_to_stdout_reads_hot_and_compressed_chunks(env: Env) -> None:
     with pytest.raises(psycopg.Error) as err:
         env.q("SELECT undistribute_table('ht_out')")
     assert sqlstate(err.value) == "0A000"
+
+
+@pytest.mark.parametrize(
+    ("column_type", "values", "bound"),
+    [
+        ("date", ["2024-03-04", "2024-03-06", "2024-03-07"], "FOR VALUES FROM ('2024-02-29') TO ('2024-03-07')"),
+        (
+            "timestamp",
+            ["2024-03-04 00:00:00", "2024-03-06 23:59:59.999999", "2024-03-07 00:00:00"],
+            "FOR VALUES FROM ('2024-02-29 00:00:00') TO ('2024-03-07 00:00:00')",
+        ),
+    ],
+)
+def test_date_and_timestamp_time_columns(env: Env, column_type: str, values: list[str], bound: str) -> None:
+    table = f"ht_{column_type}"
+    env.q(f"CREATE TABLE {table} (day {column_type} NOT NULL, v int)")
+    env.q(f"SELECT create_hypertable('{table}', by_range('day', INTERVAL '7 days'))")
+    with env.connect(autocommit=True) as c:
+        for i, value in enumerate(values):
+            c.execute(f"INSERT INTO {table} VALUES (%s, %s)", (value, i))
+    parts = env.partitions(table)
+    # 7-day chunks count from the Unix epoch (a Thursday), as in TimescaleDB.
+    assert len(parts) == 2 and bound in [p[1] for p in parts], parts
+    assert env.q(f"SELECT v FROM {table} WHERE day >= '2024-03-07' ORDER BY v") == [(2,)]
+    assert env.q(f"SELECT count(*) FROM {table} WHERE day < '2024-03-07'") == [(2,)]
