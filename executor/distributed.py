@@ -424,6 +424,10 @@ async def execute(plan: Plan, ctx: ExecContext) -> None:
     shards = resolve_shards(plan, ctx)
     if plan.tables[_first_dist(plan)].hypertable is not None:
         shards, plan = hyperread.apply_chunks(plan, ctx, shards)
+        if plan.warm_sql:
+            # Decoding segments is many small functions per row; the node's JIT compiled
+            # hundreds of them per task (seconds) for what runs in milliseconds without it.
+            ctx = dataclasses.replace(ctx, settings={**ctx.settings, "jit": "off"})
     if len(shards) <= 1:
         idx = shards[0] if shards else 0
         node_id = plan.tables[_first_dist(plan)].shards[idx].node_ids[0]

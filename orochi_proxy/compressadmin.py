@@ -219,6 +219,7 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
         before = await conn.simple_query(f"SELECT count(*) FROM {chunk.qualified}")
         await _in_transaction(conn, compression.compress_sql(chunk.schema, chunk.name, columns, settings, ht.time_column))
         await conn.simple_query(f"VACUUM {chunk.qualified}")
+        await conn.simple_query(f"ANALYZE {companion}")  # segment counts for the node's planner
         return int(before[0][0] or 0)  # type: ignore[arg-type]
     finally:
         pool.release(conn, reset=not conn.usable)

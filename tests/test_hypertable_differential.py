@@ -12,8 +12,9 @@ oracle is PostgreSQL itself:
   (classic ``create_hypertable(..., 'device', 4)``, 7-day chunks, four shards round-robin over
   the three nodes) and loaded by ``COPY ... FROM STDIN`` streamed straight out of the plain
   table; ``htd_time`` is time-only (``by_range('time', INTERVAL '3 days')``, one shard) and loaded
-  by ``INSERT ... SELECT generate_series`` through the proxy, both at once. Both write paths
-  create the chunks, and a whole-row fingerprint is compared before anything else.
+  by ``INSERT ... SELECT generate_series`` through the proxy. Both write paths
+  create the chunks, and a whole-row fingerprint is compared before anything else. Meanwhile
+  another client pings the proxy: a strict xfail (:data:`STALL_BUG`) pins how long it waits.
 
 The data (generated inside PostgreSQL, so loading is fast): four months of ``timestamptz`` rows
 ending at the current hour, 12 devices every ``step`` seconds (each device shifted by a few
@@ -44,7 +45,8 @@ as multisets, in order when the ORDER BY is total; float columns with a relative
     compressed chunk's range; (d) after a second retention run that drops compressed chunks too
     (a cross-section of the catalogue). While :data:`WARM_JIT_BUG` stands, (c) and (d) skip the
     whole-history DISTINCT ON queries marked ``heavy`` (seconds of JIT each on the nodes;
-    ``OROCHI_HTDIFF_FULL=1`` runs them) and a strict xfail pins the bug.
+    ``OROCHI_HTDIFF_FULL=1`` runs them; one of them runs with a time budget that xfails naming
+    the bug).
 
 ``time_bucket`` queries are compared with PostgreSQL's own ``date_bin``/``date_trunc`` on the
 plain side (TimescaleDB's buckets for timestamptz: UTC, origin Monday 2000-01-03, calendar
@@ -340,6 +342,7 @@ class Env:
     layout: Layout
     marks: dict[str, dt.datetime]
     rows: int = 0
+    ping_worst: float = 0.0  # longest SELECT 1 through the proxy during the INSERT ... SELECT load
     phases: dict[str, float] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)  # stages completed ("loaded", "new_range", ...)
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> why it did not run
@@ -367,13 +370,6 @@ def _timed(env: Env, phase: str, fn: Callable[[], Any]) -> Any:
     out = fn()
     env.phases[phase] = time.monotonic() - started
     return out
-
-
-def _run_all(threads: list[threading.Thread]) -> None:
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
 
 
 def copy_between(src: psycopg.Connection[Any], dst: psycopg.Connection[Any], src_sql: str, dst_sql: str) -> None:
@@ -415,26 +411,32 @@ def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
                       f"chunk_time_interval => INTERVAL '{SPACE_INTERVAL.days} days')")
         pconn.execute(f"CREATE TABLE {TIMEONLY} ({COLUMNS})")
         pconn.execute(f"SELECT create_hypertable('{TIMEONLY}', by_range('time', INTERVAL '{TIME_INTERVAL.days} days'))")
-        # Both load paths at once, on connections of their own: each waits on nodes and catalog
-        # round trips (a chunk created per new range) that the other can fill.
+        # INSERT ... SELECT through the proxy on a connection of its own while this one pings the
+        # proxy: how long another client waits meanwhile is checked by
+        # test_insert_select_does_not_stall_other_clients. Not concurrently with the COPY: a
+        # stall longer than the proxy's connect_timeout (5 s) fails the COPY's node connections.
         errors: list[BaseException] = []
+        finished = threading.Event()
 
-        def load(fn: Callable[[psycopg.Connection[Any]], Any], name: str) -> None:
+        def insert_select() -> None:
             try:
                 with e.connect_proxy() as c:
-                    _timed(e, name, lambda: fn(c))
+                    _timed(e, "proxy_insert_select", lambda: c.execute(lay.insert_select(TIMEONLY)))
             except BaseException as exc:  # noqa: BLE001 - raised below
                 errors.append(exc)
+            finally:
+                finished.set()
 
-        def copy_space(c: psycopg.Connection[Any]) -> None:
-            with e.connect_plain() as src:
-                copy_between(src, c, f"COPY {SPACE} TO STDOUT", f"COPY {SPACE} FROM STDIN")
-
-        loaders = [threading.Thread(target=load, args=(copy_space, "proxy_copy")),
-                   threading.Thread(target=load, args=(lambda c: c.execute(lay.insert_select(TIMEONLY)), "proxy_insert_select"))]
-        _timed(e, "proxy_load", lambda: _run_all(loaders))
+        loader = threading.Thread(target=insert_select)
+        loader.start()
+        while not finished.wait(0.05):
+            started = time.monotonic()
+            pconn.execute("SELECT 1").fetchall()
+            e.ping_worst = max(e.ping_worst, time.monotonic() - started)
+        loader.join()
         if errors:
             raise errors[0]
+        _timed(e, "proxy_copy", lambda: copy_between(plain, pconn, f"COPY {SPACE} TO STDOUT", f"COPY {SPACE} FROM STDIN"))
         e.done.add("loaded")
         yield e
     finally:
@@ -562,7 +564,25 @@ def test_data_loaded_identically(env: Env) -> None:
                               (SPACE,)).fetchone()
     assert nodes == (len(env.cluster.nodes),)
     print(f"\n{env.rows:,} rows per table, step {env.layout.step}s, from {env.layout.start}; "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in env.phases.items()) + f"; chunks {chunks}")
+          + ", ".join(f"{k} {v:.1f}s" for k, v in env.phases.items())
+          + f"; SELECT 1 waited up to {env.ping_worst:.1f}s meanwhile; chunks {chunks}")
+
+
+STALL_BUG: str | None = (
+    "orochi_proxy/distinsert.py insert_select_via_proxy routes every row of an INSERT ... SELECT "
+    "in one synchronous loop (for a hypertable ~50 us/row, most of it ChunkRouter.note parsing the "
+    "time text), so the proxy's event loop serves no other client meanwhile: 500k rows stalled "
+    "another client's router query for 22.7 s (4.5 s for a distributed table), and a concurrent "
+    "COPY failed with 08006 'connection to node ... failed: timeout after 5s'"
+)
+STALL_BUDGET_S = 1.0
+
+
+@pytest.mark.xfail(STALL_BUG is not None, strict=True, reason=STALL_BUG or "")
+def test_insert_select_does_not_stall_other_clients(env: Env) -> None:
+    """While one client loads ~100k rows by INSERT ... SELECT into a hypertable, another
+    client's SELECT 1 through the proxy is answered within STALL_BUDGET_S."""
+    assert env.ping_worst < STALL_BUDGET_S, f"SELECT 1 waited {env.ping_worst:.1f}s during the INSERT ... SELECT"
 
 
 @pytest.mark.parametrize(("q", "table"), _query_params(QUERIES))
@@ -790,18 +810,12 @@ def test_query_after_retention(env: Env, q: Query, table: str) -> None:
 COMPRESSORS = 4
 COMPRESSION_SETTINGS = "timescaledb.compress, timescaledb.compress_segmentby = 'device', timescaledb.compress_orderby = 'time DESC'"
 
-#: A performance bug that stage (c) works around; set to None once fixed (the strict xfail
-#: below then reports XPASS as a failure, which is the reminder).
-WARM_JIT_BUG: str | None = (
-    "warm-chunk reads (executor/hyperread.py + policies/compression.segments_sql): the node "
-    "estimates every compressed chunk's decode at 160 segments x 1000 rows (companion table "
-    "never analysed; ROWS FROM (unnest ...) is assumed to give 1000 rows), ~100x too many, so a "
-    "whole-history query crosses jit_optimize_above_cost/jit_inline_above_cost and PostgreSQL "
-    "JIT-compiles hundreds of functions per task: DISTINCT ON (device) ... ORDER BY device, time "
-    "DESC over 120k rows with half of ~60 chunks compressed takes 4-7 s (0.2 s before "
-    "compression); on 90k rows in 197 chunks, ORDER BY time DESC LIMIT 10 took 7.7 s on the "
-    "node, 7.6 s of it JIT (714 functions), and 69 ms with jit = off"
-)
+#: A performance bug that stages (c) and (d) work around (the ``heavy`` queries are skipped);
+#: set to None once fixed.
+# Was: warm-chunk reads JIT-compiled hundreds of functions per task (4-7 s for a whole-history
+# DISTINCT ON, 7.6 s of 7.7 s JIT on the node); fixed by jit = off for tasks that decode
+# segments (executor/distributed.execute) and ANALYZE of the companion after compressing.
+WARM_JIT_BUG: str | None = None
 WARM_BUDGET_S = 2.0
 #: ``OROCHI_HTDIFF_FULL=1`` runs the heavy queries in stage (c) despite WARM_JIT_BUG (slow).
 FULL = os.environ.get("OROCHI_HTDIFF_FULL") == "1"
@@ -886,15 +900,19 @@ def test_query_compressed(env: Env, q: Query, table: str) -> None:
     check(env, q, table)
 
 
-@pytest.mark.xfail(WARM_JIT_BUG is not None, strict=True, reason=WARM_JIT_BUG or "")
-def test_last_value_per_device_over_compressed_chunks_takes_no_seconds(env: Env) -> None:
+def test_last_value_per_device_over_compressed_chunks(env: Env) -> None:
     """The last row per device over a hypertable with half its chunks compressed: the right
-    rows, within WARM_BUDGET_S seconds on a busy 2-core machine (0.2 s before compression)."""
+    rows (always checked), within WARM_BUDGET_S seconds on a busy 2-core machine (0.2 s before
+    compression). Over budget is an xfail naming WARM_JIT_BUG, not a strict one: whether the
+    node JIT-compiles depends on its estimates, which change once autovacuum has analysed the
+    compressed companion tables, so the slow case does not show in every run."""
     env.require("compressed")
     q = next(q for q in QUERIES if q.id == "last-per-device")
     started = time.monotonic()
     check(env, q, SPACE)
     elapsed = time.monotonic() - started
+    if elapsed >= WARM_BUDGET_S and WARM_JIT_BUG is not None:
+        pytest.xfail(f"{q.id} on {SPACE} took {elapsed:.1f}s: {WARM_JIT_BUG}")
     assert elapsed < WARM_BUDGET_S, f"{q.id} on {SPACE} took {elapsed:.1f}s with compressed chunks"
 
 
