@@ -222,6 +222,9 @@ class Query:
         values["t"] = table
         # b7 written with another zone offset, as an untyped literal (the proxy converts it).
         values["b7_ist"] = marks["b7"].astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30))).isoformat(sep=" ")
+        # Zone-less forms (read in the session's TimeZone by the node and by chunk exclusion).
+        values["b3_date"] = marks["b3"].astimezone(UTC).date().isoformat()
+        values["b7_naive"] = marks["b7"].astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
         if self.bucket is not None:
             values["bucket"] = self.bucket[1 if plain else 0]
         return self.sql.format(**values)
@@ -258,6 +261,14 @@ QUERIES: list[Query] = [
     Query("text-literal-offset",
           "SELECT count(*), min(time) FROM {t} WHERE time >= '{b7_ist}' AND time < '{b7_ist}'::timestamptz + interval '2 days'"),
     Query("in-list", "SELECT device, time, cpu FROM {t} WHERE time IN ({exact}, {b7}, {b3}, {mid})"),
+    Query("alias-qualified", "SELECT m.device, count(*) FROM {t} AS m WHERE m.time >= {b3} AND m.time < {b7} GROUP BY m.device"),
+    Query("device-in-range", "SELECT device, count(*), max(time) FROM {t} WHERE device IN (1, 2, 9) "
+          "AND time >= {m0} AND time < {m1} GROUP BY device"),
+    Query("between-symmetric", "SELECT count(*), min(time), max(time) FROM {t} WHERE time BETWEEN SYMMETRIC {b7} AND {b3}"),
+    Query("date-literals", "SELECT count(*), min(time), max(time) FROM {t} WHERE time >= DATE '{b3_date}' "
+          "AND time < DATE '{b3_date}' + 2"),
+    Query("timestamp-literal", "SELECT count(*), max(time) FROM {t} WHERE time < TIMESTAMP '{b7_naive}' "
+          "AND time >= TIMESTAMP '{b7_naive}' - interval '36 hours'"),
     Query("or-ranges", "SELECT count(*), sum(cpu) FROM {t} WHERE time < {early} OR time >= {late}"),
     Query("not-between", "SELECT count(*) FROM {t} WHERE time NOT BETWEEN {early} AND {late}"),
     Query("empty-range", "SELECT count(*), max(value), sum(cpu), avg(cpu) FROM {t} WHERE time < '2000-01-01'"),
@@ -274,6 +285,9 @@ QUERIES: list[Query] = [
     Query("param-between-device", "SELECT time, value FROM {t} WHERE device = 2 AND time BETWEEN %s AND %s ORDER BY time DESC LIMIT 5",
           params=("m0", "mid"), ordered=True),
     Query("param-eq", "SELECT device, cpu FROM {t} WHERE time = %s", params=("exact",)),
+    Query("param-any", "SELECT device, time FROM {t} WHERE time = ANY(%s)", params=("exact,b7,b3",)),
+    Query("param-interval-arith", "SELECT count(*), sum(cpu) FROM {t} WHERE time > %s::timestamptz - interval '1 day' "
+          "AND time <= %s", params=("b7", "b7")),
     # ---------------------------------------------------------------- time_bucket + GROUP BY
     Query("tb-hour", f"SELECT {{bucket}} AS b, {AGGS} FROM {{t}} WHERE time >= {{d0}} AND time < {{d3}} GROUP BY b ORDER BY b",
           bucket=tb("1 hour"), ordered=True),
@@ -527,7 +541,7 @@ def compare(got: Result, want: Result, *, ordered: bool, what: str) -> None:
 def check(env: Env, q: Query, table: str, *, proxy: psycopg.Connection[Any] | None = None,
           plain: psycopg.Connection[Any] | None = None) -> None:
     """Run ``q`` on both sides and compare; a query the plain side rejects must fail alike."""
-    params = [env.marks[p] for p in q.params] or None
+    params = [[env.marks[m] for m in p.split(",")] if "," in p else env.marks[p] for p in q.params] or None
     proxy_sql = q.render(table, env.marks, plain=False)
     plain_sql = q.render(table, env.marks, plain=True)
     proxy, plain = proxy or env.proxy, plain or env.plain
@@ -642,6 +656,8 @@ def test_other_session_timezone(env: Env) -> None:
               f"AND time < '{naive}'::timestamptz + interval '1 day'"),
         Query("tz-naive-eq", f"SELECT device, time FROM {{t}} WHERE time = '{naive}'"),
         Query("tz-naive-lt", f"SELECT count(*), max(time) FROM {{t}} WHERE time < '{naive}'"),
+        next(q for q in QUERIES if q.id == "date-literals"),
+        next(q for q in QUERIES if q.id == "timestamp-literal"),
         Query("tz-bucket", "SELECT {bucket} AS b, count(*) FROM {t} WHERE time >= {m0} AND time < {m1} GROUP BY b ORDER BY b",
               bucket=tb("1 day"), ordered=True),
         Query("tz-latest", "SELECT time, device FROM {t} ORDER BY time DESC LIMIT 5", ordered=True),
