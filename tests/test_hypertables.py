@@ -440,3 +440,15 @@ def test_date_and_timestamp_time_columns(env: Env, column_type: str, values: lis
     assert len(parts) == 2 and bound in [p[1] for p in parts], parts
     assert env.q(f"SELECT v FROM {table} WHERE day >= '2024-03-07' ORDER BY v") == [(2,)]
     assert env.q(f"SELECT count(*) FROM {table} WHERE day < '2024-03-07'") == [(2,)]
+
+
+def test_migrate_data_moves_existing_rows_into_chunks(env: Env) -> None:
+    env.q("CREATE TABLE ht_migrate (time timestamptz NOT NULL, v int)")
+    env.q("INSERT INTO ht_migrate SELECT timestamptz '2024-12-01' + g * interval '6 hours', g FROM generate_series(0, 19) g")
+    with pytest.raises(psycopg.Error) as err:
+        env.q("SELECT create_hypertable('ht_migrate', 'time', chunk_time_interval => INTERVAL '1 day')")
+    assert "migrate_data" in str(err.value)
+    env.q("SELECT create_hypertable('ht_migrate', 'time', chunk_time_interval => INTERVAL '1 day', migrate_data => true)")
+    assert len(chunk_names(env, "ht_migrate")) == 5
+    assert env.q("SELECT count(*), sum(v) FROM ht_migrate") == [(20, sum(range(20)))]
+    assert env.q("SELECT v FROM ht_migrate WHERE time >= '2024-12-03' AND time < '2024-12-04' ORDER BY v") == [(8,), (9,), (10,), (11,)]
