@@ -26,11 +26,12 @@ end; device 0's rows fall exactly on chunk boundaries. No row lies within 15 min
 they evaluate ``now()`` a few milliseconds apart.
 
 Size: ``OROCHI_HTDIFF_ROWS`` rows per table, rounded to a step that divides an hour (default
-150,000: ~121k rows per table after the device lifetimes, ~115 chunks; ~75 s for the module on
+150,000: ~121k rows per table after the device lifetimes, ~115 chunks; 57-75 s for the module on
 the 2-core machine, of which ~15 s is loading: COPY into a hypertable through the proxy runs at
 ~15-20k rows/s here). That is fewer than the issue's "several million" so the suite stays
-fast; the several-million-row run is ``OROCHI_HTDIFF_ROWS=3000000`` (same tests, ~3.1M rows per
-table, many minutes) and the multi-million figures are in ``bench/hypertable_bench.py``.
+fast; the several-million-row run is ``OROCHI_HTDIFF_ROWS=3000000 pytest --timeout 0 ...``
+(same tests, ~3.1M rows per table; loading alone takes longer than the suite's 300 s
+per-test timeout) and the multi-million figures are in ``bench/hypertable_bench.py``.
 
 Stages, each followed by the whole query catalogue on both tables (``QUERIES``; rows compared
 as multisets, in order when the ORDER BY is total; float columns with a relative tolerance of
@@ -358,6 +359,7 @@ class Env:
     marks: dict[str, dt.datetime]
     rows: int = 0
     ping_worst: float = 0.0  # longest SELECT 1 through the proxy during the INSERT ... SELECT load
+    hot_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # stage (a) check() times
     phases: dict[str, float] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)  # stages completed ("loaded", "new_range", ...)
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> why it did not run
@@ -461,6 +463,8 @@ def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
         finally:
             pconn.close()
             plain.close()
+            with psycopg.connect(node.dsn(), autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {PLAIN_DB} WITH (FORCE)")
 
 
 # ====================================================================================== compare
@@ -603,7 +607,9 @@ def test_insert_select_does_not_stall_other_clients(env: Env) -> None:
 @pytest.mark.parametrize(("q", "table"), _query_params(QUERIES))
 def test_query_loaded(env: Env, q: Query, table: str) -> None:
     env.require("loaded")
+    started = time.monotonic()
     check(env, q, table)
+    env.hot_seconds[(q.id, table)] = time.monotonic() - started
 
 
 def test_chunk_exclusion_in_explain(env: Env) -> None:
@@ -832,6 +838,7 @@ COMPRESSION_SETTINGS = "timescaledb.compress, timescaledb.compress_segmentby = '
 # segments (executor/distributed.execute) and ANALYZE of the companion after compressing.
 WARM_JIT_BUG: str | None = None
 WARM_BUDGET_S = 2.0
+WARM_SLOWDOWN = 5.0
 #: ``OROCHI_HTDIFF_FULL=1`` runs the heavy queries in stage (c) despite WARM_JIT_BUG (slow).
 FULL = os.environ.get("OROCHI_HTDIFF_FULL") == "1"
 
@@ -917,18 +924,20 @@ def test_query_compressed(env: Env, q: Query, table: str) -> None:
 
 def test_last_value_per_device_over_compressed_chunks(env: Env) -> None:
     """The last row per device over a hypertable with half its chunks compressed: the right
-    rows (always checked), within WARM_BUDGET_S seconds on a busy 2-core machine (0.2 s before
-    compression). Over budget is an xfail naming WARM_JIT_BUG, not a strict one: whether the
-    node JIT-compiles depends on its estimates, which change once autovacuum has analysed the
-    compressed companion tables, so the slow case does not show in every run."""
+    rows (always checked), within WARM_BUDGET_S seconds or WARM_SLOWDOWN times the same check
+    before compression, whichever is more (0.2 s before compression at the default size; the
+    budget grows with OROCHI_HTDIFF_ROWS). Over budget is an xfail naming WARM_JIT_BUG while
+    that is set, not a strict one: whether the node JIT-compiled depended on its estimates,
+    which changed once autovacuum had analysed the compressed companion tables."""
     env.require("compressed")
     q = next(q for q in QUERIES if q.id == "last-per-device")
+    budget = max(WARM_BUDGET_S, WARM_SLOWDOWN * env.hot_seconds.get((q.id, SPACE), 0.0))
     started = time.monotonic()
     check(env, q, SPACE)
     elapsed = time.monotonic() - started
-    if elapsed >= WARM_BUDGET_S and WARM_JIT_BUG is not None:
+    if elapsed >= budget and WARM_JIT_BUG is not None:
         pytest.xfail(f"{q.id} on {SPACE} took {elapsed:.1f}s: {WARM_JIT_BUG}")
-    assert elapsed < WARM_BUDGET_S, f"{q.id} on {SPACE} took {elapsed:.1f}s with compressed chunks"
+    assert elapsed < budget, f"{q.id} on {SPACE} took {elapsed:.1f}s with compressed chunks (budget {budget:.1f}s)"
 
 
 # ====================================================================================== (d) retention, warm
