@@ -27,6 +27,7 @@ from typing import Protocol
 
 from executor import protocol as pg
 from executor.protocol import PgError
+from rewriter.quoting import quote_literal
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,24 @@ class BackendConnection(asyncio.Protocol):
         if error is not None:
             raise error
         return rows
+
+    async def rollback_quietly(self) -> None:
+        """After an error: end the open (or failed) transaction. A connection that cannot is
+        marked broken, so its pool closes it instead of handing it out again."""
+        if self.usable and self.tx_status != b"I":
+            try:
+                await self.simple_query("ROLLBACK")
+            except PgError:
+                self.broken = True
+
+    async def run_in_transaction(self, statements: list[str], *, lock_timeout: str | None = None) -> list[list[bytes | None]]:
+        """Run ``statements`` as one transaction (one round trip); rolled back on error."""
+        head = "BEGIN; " + (f"SET LOCAL lock_timeout = {quote_literal(lock_timeout)}; " if lock_timeout else "")
+        try:
+            return await self.simple_query(head + "; ".join(statements) + "; COMMIT")
+        except PgError:
+            await self.rollback_quietly()
+            raise
 
     async def cancel(self) -> None:
         """Send a CancelRequest for whatever this connection runs (on a new connection)."""

@@ -446,10 +446,7 @@ async def execute(plan: Plan, ctx: ExecContext) -> None:
 
 
 def _first_dist(plan: Plan) -> int:
-    for i, t in enumerate(plan.tables):
-        if not t.is_reference:
-            return i
-    return 0
+    return plan.first_distributed
 
 
 def _reference_read_node(plan: Plan, ctx: ExecContext) -> int:

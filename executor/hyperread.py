@@ -28,15 +28,8 @@ if TYPE_CHECKING:
     from executor.distributed import ExecContext
 
 
-def _first_dist(plan: Plan) -> int:
-    for i, t in enumerate(plan.tables):
-        if not t.is_reference:
-            return i
-    return 0
-
-
 def current_hypertable(plan: Plan, ctx: ExecContext) -> tuple[TableInfo, HypertableInfo | None]:
-    table = plan.tables[_first_dist(plan)]
+    table = plan.tables[plan.first_distributed]
     ht = ctx.hypertable_of(table) if ctx.hypertable_of is not None else table.hypertable
     return table, ht
 
@@ -116,7 +109,7 @@ def apply_chunks(plan: Plan, ctx: ExecContext, shards: list[int]) -> tuple[list[
     by_shard: dict[int, list[ChunkInfo]] = {}
     for c in warm:
         by_shard.setdefault(c.shard_index, []).append(c)
-    index = _first_dist(plan)
+    index = plan.first_distributed
     sql = {s: shard_with_segments(table, ht, s, chunks, rng) for s, chunks in by_shard.items()}
     return shards, dataclasses.replace(plan, warm_table=index, warm_sql=sql)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from executor.backend import BackendConnection
 from executor.protocol import PgError
 from rewriter import timerange
 from rewriter.model import HypertableInfo
@@ -17,14 +16,6 @@ from rewriter.quoting import quote_literal
 
 if TYPE_CHECKING:
     from executor.pool import NodePool
-
-
-async def _rollback(conn: BackendConnection) -> None:
-    if conn.usable and conn.tx_status != b"I":
-        try:
-            await conn.simple_query("ROLLBACK")
-        except PgError:
-            conn.broken = True
 
 
 def _internal_sql(time_type: str) -> str:
@@ -70,20 +61,14 @@ class TimeValues:
         if not values:
             return {}
         array = "ARRAY[" + ", ".join(quote_literal(v) for v in values) + "]::text[]"
-        sets = "".join(
-            f"SET LOCAL {name} = {quote_literal(self.settings[key])}; "
+        sets = [
+            f"SET LOCAL {name} = {quote_literal(self.settings[key])}"
             for key, name in (("TimeZone", "timezone"), ("DateStyle", "datestyle"), ("IntervalStyle", "intervalstyle"))
             if self.settings.get(key)
-        )
-        sql = f"BEGIN; {sets}SELECT v, {_internal_sql(self.ht.time_type)} FROM unnest({array}) AS v; COMMIT"
-        conn = await pool.acquire()
-        try:
-            rows = await conn.simple_query(sql)
-        except PgError:
-            await _rollback(conn)
-            raise
-        finally:
-            pool.release(conn, reset=not conn.usable)
+        ]
+        select = f"SELECT v, {_internal_sql(self.ht.time_type)} FROM unnest({array}) AS v"
+        async with pool.connection() as conn:
+            rows = await conn.run_in_transaction([*sets, select])
         return {r[0].decode(): int(r[1]) for r in rows if r[0] is not None and r[1] is not None}  # type: ignore[union-attr]
 
     async def convert(self, pool: NodePool, texts: list[str]) -> list[int]:
@@ -115,16 +100,10 @@ async def evaluate(pool: NodePool, time_type: str, expressions: list[str], setti
     if not expressions:
         return []
     tz = settings.get("TimeZone")
-    sets = f"SET LOCAL timezone = {quote_literal(tz)}; " if tz else ""
+    sets = [f"SET LOCAL timezone = {quote_literal(tz)}"] if tz else []
     cols = ", ".join(iso_sql(time_type, e) for e in expressions)
-    conn = await pool.acquire()
-    try:
-        rows = await conn.simple_query(f"BEGIN; {sets}SELECT {cols}; COMMIT")
-    except PgError:
-        await _rollback(conn)
-        raise
-    finally:
-        pool.release(conn, reset=not conn.usable)
+    async with pool.connection() as conn:
+        rows = await conn.run_in_transaction([*sets, f"SELECT {cols}"])
     out = []
     for v in rows[0]:
         if v is None:

@@ -10,9 +10,10 @@ connection is closed instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from executor.backend import BackendConnection, connect_backend
@@ -137,6 +138,16 @@ class NodePool:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, reset: bool = False) -> AsyncIterator[BackendConnection]:
+        """A connection for a few statements, given back afterwards (``reset``: discard its
+        session state first, e.g. after a SET). A broken one is closed, as by :meth:`release`."""
+        conn = await self.acquire()
+        try:
+            yield conn
+        finally:
+            self.release(conn, reset=reset)
 
     def release(self, conn: BackendConnection, *, reset: bool = True) -> None:
         """Give ``conn`` back. With ``reset``, session state is discarded first (in a task)."""

@@ -121,27 +121,24 @@ def _with_window(query: str, time_column: str, lo: str | None, hi: str | None) -
 
 
 # ------------------------------------------------------------------------------ catalog
-async def load(server: ProxyServer, schema: str | None, name: str, sql: jobs.SqlRunner) -> Cagg:
-    where = f"view_name = {quote_literal(name)}" + (f" AND view_schema = {quote_literal(schema)}" if schema else "")
+async def _load_one(sql: jobs.SqlRunner, where: str, missing: str) -> Cagg:
     rows = await sql(
         f"SELECT cagg_id::text, view_schema, view_name, hypertable_id::text, mat_schema, mat_table, query, bucket_column "
         f"FROM {SCHEMA}.continuous_aggregates WHERE {where} ORDER BY view_schema = 'public' DESC LIMIT 1"
     )
     if not rows:
-        raise PgError("42P01", f'continuous aggregate "{name}" does not exist')
+        raise PgError("42P01", f"continuous aggregate {missing} does not exist")
     r = rows[0]
     return Cagg(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], r[6], r[7])  # type: ignore[arg-type]
+
+
+async def load(server: ProxyServer, schema: str | None, name: str, sql: jobs.SqlRunner) -> Cagg:
+    where = f"view_name = {quote_literal(name)}" + (f" AND view_schema = {quote_literal(schema)}" if schema else "")
+    return await _load_one(sql, where, f'"{name}"')
 
 
 async def load_by_id(sql: jobs.SqlRunner, cagg_id: int) -> Cagg:
-    rows = await sql(
-        f"SELECT cagg_id::text, view_schema, view_name, hypertable_id::text, mat_schema, mat_table, query, bucket_column "
-        f"FROM {SCHEMA}.continuous_aggregates WHERE cagg_id = {int(cagg_id)}"
-    )
-    if not rows:
-        raise PgError("42P01", f"continuous aggregate {cagg_id} does not exist")
-    r = rows[0]
-    return Cagg(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], r[6], r[7])  # type: ignore[arg-type]
+    return await _load_one(sql, f"cagg_id = {int(cagg_id)}", str(cagg_id))
 
 
 # ------------------------------------------------------------------------------ refresh
@@ -170,11 +167,8 @@ def server_context(server: ProxyServer, database: str, write) -> distributed.Exe
 
 async def _scalar(server: ProxyServer, database: str, sql: str) -> str | None:
     pool = server.metadata_pool(database)
-    conn = await pool.acquire()
-    try:
+    async with pool.connection(reset=True) as conn:
         rows = await conn.simple_query(f"SET TimeZone = 'UTC'; {sql}")
-    finally:
-        pool.release(conn, reset=True)
     return rows[0][0].decode() if rows and rows[0][0] is not None else None  # type: ignore[union-attr]
 
 
@@ -236,21 +230,15 @@ async def refresh(server: ProxyServer, database: str, cagg: Cagg, start: str | N
     if hi is not None:
         conds.append(f"{bucket} < {quote_literal(hi)}")
     pool = server.metadata_pool(database)
-    conn = await pool.acquire()
-    try:
-        await conn.simple_query(f"BEGIN; SET LOCAL TimeZone = 'UTC'; DELETE FROM {cagg.mat} WHERE {' AND '.join(conds)}")
-        if lines:
-            await copy_in(conn, f"COPY {cagg.mat} FROM STDIN", lines)
-        await conn.simple_query("COMMIT")
-    except BaseException:
-        if conn.usable and conn.tx_status != b"I":
-            try:
-                await conn.simple_query("ROLLBACK")
-            except PgError:
-                conn.broken = True
-        raise
-    finally:
-        pool.release(conn, reset=True)
+    async with pool.connection(reset=True) as conn:
+        try:
+            await conn.simple_query(f"BEGIN; SET LOCAL TimeZone = 'UTC'; DELETE FROM {cagg.mat} WHERE {' AND '.join(conds)}")
+            if lines:
+                await copy_in(conn, f"COPY {cagg.mat} FROM STDIN", lines)
+            await conn.simple_query("COMMIT")
+        except BaseException:
+            await conn.rollback_quietly()
+            raise
     return len(lines)
 
 

@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 DROP_LOCK_TIMEOUT = "30s"
 
 
+def age_cutoff_sql(ht: HypertableInfo, age: str) -> str:
+    """SQL giving ``now() - age`` as an internal time value of the hypertable's time type
+    (``localtimestamp`` for timestamp/date columns, as TimescaleDB's policies compute it)."""
+    base = "now()" if ht.time_type == "timestamptz" else "localtimestamp"
+    return f"SELECT (extract(epoch FROM {base} - {quote_literal(age)}::interval) * 1000000)::bigint"
+
+
 async def cutoff_internal(session: Session, ht: HypertableInfo, value: str | None) -> int | None:
     """An ``older_than``/``newer_than`` argument as an internal time value (None: no cut-off)."""
     if value is None:
@@ -44,10 +51,7 @@ async def cutoff_internal(session: Session, ht: HypertableInfo, value: str | Non
         except ValueError:
             raise PgError("22023", f'invalid time argument "{value}" for an integer time column', hint="Give an integer.") from None
     if timerange._parse_interval_text(text) is not None:
-        base = {"timestamptz": "now()", "timestamp": "localtimestamp", "date": "localtimestamp"}[ht.time_type]
-        rows = await session.dist.text_rows(
-            f"SELECT (extract(epoch FROM {base} - {quote_literal(text)}::interval) * 1000000)::bigint"
-        )
+        rows = await session.dist.text_rows(age_cutoff_sql(ht, text))
         return int(rows[0][0] or 0)
     values = TimeValues(ht, session.output_settings())
     v = values.fast(text)
@@ -113,17 +117,8 @@ async def drop_chunk_tables(server: ProxyServer, database: str, table: TableInfo
         per_node[node].append(f"DROP TABLE IF EXISTS {qualified_name(c.schema, compressed_table_name(c.name))}")
     for node, statements in sorted(per_node.items()):
         pool = server.node_pool(node, database)
-        conn = await pool.acquire()
-        try:
-            await conn.simple_query(
-                f"BEGIN; SET LOCAL lock_timeout = {quote_literal(DROP_LOCK_TIMEOUT)}; " + "; ".join(statements) + "; COMMIT"
-            )
-        except PgError:
-            if conn.usable and conn.tx_status != b"I":
-                await conn.simple_query("ROLLBACK")
-            raise
-        finally:
-            pool.release(conn, reset=not conn.usable)
+        async with pool.connection() as conn:
+            await conn.run_in_transaction(statements, lock_timeout=DROP_LOCK_TIMEOUT)
     await server.catalog.remove_chunks([c.chunk_id for c in chunks])
 
 

@@ -20,7 +20,6 @@ import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from executor.backend import BackendConnection
 from executor.copyio import copy_out, text_field
 from executor.hypertime import TimeValues
 from executor.protocol import PgError
@@ -48,8 +47,8 @@ def bound_literal(time_type: str, internal: int) -> str:
     return quote_literal(text)
 
 
-def chunk_ddl(table: TableInfo, shard_index: int, chunk: ChunkInfo, known: list[str]) -> str:
-    """One transaction that creates and attaches ``chunk`` (idempotent).
+def chunk_ddl(table: TableInfo, shard_index: int, chunk: ChunkInfo, known: list[str]) -> list[str]:
+    """The statements (one transaction) that create and attach ``chunk`` (idempotent).
 
     A partition of the shard that the catalog does not know is a leftover of a creator that
     died between the node and the catalog: it never received rows (rows are sent only after
@@ -61,10 +60,7 @@ def chunk_ddl(table: TableInfo, shard_index: int, chunk: ChunkInfo, known: list[
     target = qualified_name(chunk.schema, chunk.name)
     names = "ARRAY[" + ", ".join(quote_literal(n) for n in [*known, chunk.name]) + "]::text[]"
     lo, hi = bound_literal(ht.time_type, chunk.range_start), bound_literal(ht.time_type, chunk.range_end)
-    return f"""BEGIN;
-SET LOCAL lock_timeout = {quote_literal(CHUNK_LOCK_TIMEOUT)};
-CREATE SCHEMA IF NOT EXISTS {quote_ident(chunk.schema)};
-DO $orochi$
+    return [f"CREATE SCHEMA IF NOT EXISTS {quote_ident(chunk.schema)}", f"""DO $orochi$
 DECLARE r record; n bigint;
 BEGIN
   FOR r IN SELECT c.oid::regclass AS rel FROM pg_catalog.pg_inherits i
@@ -77,16 +73,13 @@ BEGIN
     END IF;
     EXECUTE format('DROP TABLE %s', r.rel);
   END LOOP;
-END $orochi$;
-CREATE TABLE IF NOT EXISTS {target} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS
-    INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED);
-DO $orochi$
+END $orochi$""", f"""CREATE TABLE IF NOT EXISTS {target} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS
+    INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED)""", f"""DO $orochi$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhrelid = {quote_literal(target)}::regclass) THEN
     EXECUTE {quote_literal(f"ALTER TABLE {parent} ATTACH PARTITION {target} FOR VALUES FROM ({lo}) TO ({hi})")};
   END IF;
-END $orochi$;
-COMMIT"""
+END $orochi$"""]
 
 
 async def _create_on_node(
@@ -94,22 +87,8 @@ async def _create_on_node(
 ) -> None:
     node = table.shards[shard_index].node_ids[0]
     pool = server.node_pool(node, database)
-    conn = await pool.acquire()
-    try:
-        await conn.simple_query(chunk_ddl(table, shard_index, chunk, known))
-    except PgError:
-        await _rollback(conn)
-        raise
-    finally:
-        pool.release(conn, reset=not conn.usable)
-
-
-async def _rollback(conn: BackendConnection) -> None:
-    if conn.usable and conn.tx_status != b"I":
-        try:
-            await conn.simple_query("ROLLBACK")
-        except PgError:
-            conn.broken = True
+    async with pool.connection() as conn:
+        await conn.run_in_transaction(chunk_ddl(table, shard_index, chunk, known), lock_timeout=CHUNK_LOCK_TIMEOUT)
 
 
 def missing_chunks(ht: HypertableInfo, values: Iterable[tuple[int, int]]) -> dict[tuple[int, int], int]:
@@ -141,11 +120,8 @@ async def migrate_rows(server: ProxyServer, session: Session, table: TableInfo) 
     ht = table.hypertable
     assert ht is not None
     md_pool = server.metadata_pool(session.database)
-    conn = await md_pool.acquire()
-    try:
+    async with md_pool.connection() as conn:
         lines = await copy_out(conn, f"COPY {qualified_name(table.schema, table.name)} TO STDOUT")
-    finally:
-        md_pool.release(conn, reset=False)
     if not lines:
         return 0
     t_index = list(table.columns).index(ht.time_column)

@@ -159,17 +159,7 @@ async def _columns(conn: BackendConnection, chunk: ChunkInfo) -> list[tuple[str,
 
 
 async def _in_transaction(conn: BackendConnection, statements: list[str]) -> None:
-    try:
-        await conn.simple_query(
-            f"BEGIN; SET LOCAL lock_timeout = {quote_literal(COMPRESS_LOCK_TIMEOUT)}; " + "; ".join(statements) + "; COMMIT"
-        )
-    except PgError:
-        if conn.usable and conn.tx_status != b"I":
-            try:
-                await conn.simple_query("ROLLBACK")
-            except PgError:
-                conn.broken = True
-        raise
+    await conn.run_in_transaction(statements, lock_timeout=COMPRESS_LOCK_TIMEOUT)
 
 
 async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: ChunkInfo) -> int:
@@ -179,8 +169,7 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
     assert ht is not None
     node = table.shards[chunk.shard_index].node_ids[0]
     pool = server.node_pool(node, database)
-    conn = await pool.acquire()
-    try:
+    async with pool.connection() as conn:
         columns = await _columns(conn, chunk)
         recorded = [tuple(c) for c in (ht.compression or {}).get("columns", [])]
         if columns != recorded:
@@ -221,8 +210,6 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
         await conn.simple_query(f"VACUUM {chunk.qualified}")
         await conn.simple_query(f"ANALYZE {companion}")  # segment counts for the node's planner
         return int(before[0][0] or 0)  # type: ignore[arg-type]
-    finally:
-        pool.release(conn, reset=not conn.usable)
 
 
 async def decompress(server: ProxyServer, database: str, table: TableInfo, chunk: ChunkInfo) -> None:
@@ -232,8 +219,7 @@ async def decompress(server: ProxyServer, database: str, table: TableInfo, chunk
     assert ht is not None
     node = table.shards[chunk.shard_index].node_ids[0]
     pool = server.node_pool(node, database)
-    conn = await pool.acquire()
-    try:
+    async with pool.connection() as conn:
         columns = await _columns(conn, chunk)
         await _in_transaction(conn, compression.decompress_sql(chunk.schema, chunk.name, columns, settings, ht.time_column))
         if faults.ARMED:
@@ -241,8 +227,6 @@ async def decompress(server: ProxyServer, database: str, table: TableInfo, chunk
         await server.catalog.set_chunk_tier(chunk.chunk_id, "hot")
         companion = qualified_name(chunk.schema, compression.compressed_table_name(chunk.name))
         await _in_transaction(conn, [f"DROP TABLE IF EXISTS {companion}"])
-    finally:
-        pool.release(conn, reset=not conn.usable)
 
 
 def _split_name(name: str) -> tuple[str | None, str]:

@@ -269,17 +269,10 @@ async def install_functions(server: ProxyServer, database: str) -> None:
     if md is None or md.node_id not in nodes:
         pools.append(server.metadata_pool(database))
     for pool in pools:
-        conn = await pool.acquire()
-        try:
+        async with pool.connection() as conn:
             current = await conn.simple_query(timebucket.version_query())
             if not timebucket.is_current(int(current[0][0]) if current and current[0][0] else None):  # type: ignore[arg-type]
-                await conn.simple_query("BEGIN; " + "; ".join(timebucket.install_statements("public")) + "; COMMIT")
-        except PgError:
-            if conn.usable and conn.tx_status != b"I":
-                await conn.simple_query("ROLLBACK")
-            raise
-        finally:
-            pool.release(conn, reset=False)
+                await conn.run_in_transaction(timebucket.install_statements("public"))
 
 
 def hypertable_of(server: ProxyServer, schema: str, name: str) -> TableInfo:

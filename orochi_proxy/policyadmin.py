@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from executor import protocol as pg
 from executor.protocol import PgError
-from orochi_proxy.chunkadmin import drop_chunk_tables
+from orochi_proxy.chunkadmin import age_cutoff_sql, drop_chunk_tables
 from orochi_proxy.compressadmin import compress, settings_of
 from orochi_proxy.distribute import resolve_table
 from orochi_proxy.hypertable import hypertable_of
@@ -46,15 +46,9 @@ class ServerChunkOps:
         assert ht is not None
         if not ht.is_time_type:
             raise PgError("0A000", f"policies on integer time column {ht.time_column} are not supported", hint="Call drop_chunks()/compress_chunk() yourself.")
-        base = "now()" if ht.time_type == "timestamptz" else "localtimestamp"
         pool = self.server.metadata_pool(self.database)
-        conn = await pool.acquire()
-        try:
-            rows = await conn.simple_query(
-                f"SELECT (extract(epoch FROM {base} - {quote_literal(str(age))}::interval) * 1000000)::bigint"
-            )
-        finally:
-            pool.release(conn, reset=not conn.usable)
+        async with pool.connection() as conn:
+            rows = await conn.simple_query(age_cutoff_sql(ht, str(age)))
         return int(rows[0][0])  # type: ignore[arg-type]
 
     async def drop(self, table: TableInfo, chunks: list[ChunkInfo]) -> None:
@@ -67,11 +61,8 @@ class ServerChunkOps:
 
     async def _exists_on_node(self, table: TableInfo, chunk: ChunkInfo) -> bool:
         pool = self.server.node_pool(table.shards[chunk.shard_index].node_ids[0], self.database)
-        conn = await pool.acquire()
-        try:
+        async with pool.connection() as conn:
             rows = await conn.simple_query(f"SELECT to_regclass({quote_literal(chunk.qualified)}) IS NOT NULL")
-        finally:
-            pool.release(conn, reset=not conn.usable)
         return rows[0][0] == b"t"
 
     async def compress(self, table: TableInfo, chunk: ChunkInfo) -> None:
@@ -93,11 +84,8 @@ class ServerChunkOps:
 
         async def sql(text: str) -> list[list[str | None]]:
             pool = self.server.metadata_pool(self.database)
-            conn = await pool.acquire()
-            try:
+            async with pool.connection() as conn:
                 rows = await conn.simple_query(text)
-            finally:
-                pool.release(conn, reset=not conn.usable)
             return [[None if v is None else v.decode() for v in r] for r in rows]
 
         cagg = await caggs.load_by_id(sql, cagg_id)

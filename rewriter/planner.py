@@ -84,6 +84,11 @@ class Plan:
     warm_table: int = -1
     warm_sql: dict[int, str] | None = None
 
+    @property
+    def first_distributed(self) -> int:
+        """Index in ``tables`` of the first distributed (not reference) table; it decides shards."""
+        return next((i for i, t in enumerate(self.tables) if not t.is_reference), 0)
+
     def sql_for_shard(self, template: str, shard_index: int) -> str:
         out = template
         if self.warm_sql is not None and shard_index in self.warm_sql:
