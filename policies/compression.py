@@ -74,7 +74,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import decimal
-import hashlib
 import json
 import re
 import uuid
@@ -86,6 +85,7 @@ import pglast
 from pglast import ast
 from pglast.enums.parsenodes import SortByDir, SortByNulls
 
+from rewriter.model import bounded_name
 from rewriter.quoting import qualified_name, quote_ident, quote_literal
 
 ROWS_PER_SEGMENT = 1000
@@ -318,14 +318,7 @@ class _Layout:
 
 def compressed_table_name(chunk_name: str) -> str:
     """``<chunk>_compressed``, shortened with a stable hash past 63 bytes."""
-    suffix = "_compressed"
-    name = chunk_name + suffix
-    if len(name.encode()) <= MAX_IDENTIFIER:
-        return name
-    digest = hashlib.md5(chunk_name.encode()).hexdigest()[:8]
-    room = MAX_IDENTIFIER - len(suffix) - len(digest) - 1
-    head = chunk_name.encode()[:room].decode(errors="ignore")
-    return f"{head}_{digest}{suffix}"
+    return bounded_name(chunk_name, "_compressed")
 
 
 def _layout(

@@ -20,18 +20,23 @@ from functools import cached_property
 MAX_IDENTIFIER = 63  # NAMEDATALEN - 1
 
 
-def shard_table_name(table: str, shard_id: int) -> str:
-    """``<table>_<shardid>``, shortened (with a stable hash) when it would exceed 63 bytes."""
-    suffix = f"_{shard_id}"
-    name = table + suffix
+def bounded_name(base: str, suffix: str) -> str:
+    """``<base><suffix>``; past 63 bytes the base is cut and a stable hash of it added, so the
+    name stays unique and the same in every process (shard tables, compressed chunks)."""
+    name = base + suffix
     if len(name.encode()) <= MAX_IDENTIFIER:
         return name
     import hashlib
 
-    digest = hashlib.md5(table.encode()).hexdigest()[:8]
+    digest = hashlib.md5(base.encode()).hexdigest()[:8]
     room = MAX_IDENTIFIER - len(suffix) - len(digest) - 1
-    head = table.encode()[:room].decode(errors="ignore")
+    head = base.encode()[:room].decode(errors="ignore")
     return f"{head}_{digest}{suffix}"
+
+
+def shard_table_name(table: str, shard_id: int) -> str:
+    """``<table>_<shardid>``, shortened (with a stable hash) when it would exceed 63 bytes."""
+    return bounded_name(table, f"_{shard_id}")
 
 
 @dataclass(frozen=True, slots=True)
