@@ -94,6 +94,15 @@ class NodePool:
             async with asyncio.timeout(self.settings.acquire_timeout):
                 conn = await fut
         except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                # Handed a connection (or a free slot) just as the wait timed out: take it, or
+                # it would be lost to the pool for good (counted in use, owned by nobody).
+                conn = fut.result()
+                if conn is None:
+                    return await self._open_new()
+                self.in_use += 1
+                self._changed()
+                return conn
             raise PgError(
                 "53300",
                 f"no free connection to node {self.node_name} after {self.settings.acquire_timeout:g}s "

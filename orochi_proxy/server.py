@@ -523,6 +523,15 @@ class ProxyServer:
         await self.catalog.close()
 
     # ------------------------------------------------------------------ clients and sessions
+    def log_sessions(self) -> None:
+        """Log every client session's state (``kill -USR1 <proxy pid>``): what a client that
+        waits for an answer is waiting on — answers pending, messages held back, its node
+        connection — for diagnosing a stuck client without stopping the proxy."""
+        log.warning("state of %d client connections (SIGUSR1):", len(self.clients))
+        for client in list(self.clients):
+            session = client.session
+            log.warning("  client %s state=%s %s", client.key, client.state, session.describe() if session else "")
+
     def client_opened(self, client: ClientConnection) -> None:
         self.clients.add(client)
         self.metrics.client_connections.inc()
@@ -612,6 +621,10 @@ async def serve(config: ProxyConfig, ready: Callable[[ProxyServer], None] | None
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, server.log_sessions)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        pass
     if ready is not None:
         ready(server)
     try:

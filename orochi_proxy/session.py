@@ -282,6 +282,19 @@ class Session:
             await conn.simple_query(sql)
         conn.__dict__["applied_settings"] = new
 
+    def describe(self) -> str:
+        """One line of this session's protocol state (for ``ProxyServer.log_sessions``)."""
+        b = self.backend
+        conn = "none" if b is None else (
+            f"{b.node_name}#{b.id} closed={b.closed} broken={b.broken} relaying={b.consumer is self}"
+        )
+        heads = [p if p.__class__ is int else type(p).__name__ for p in list(self.pending)[:4]]
+        return (
+            f"tx={self.tx_status!r} txn={self.tx.txn is not None} pending={len(self.pending)}{heads} "
+            f"blocked={self.blocked} backlog={len(self.backlog)} unsynced={self._unsynced} "
+            f"skipping={self.skipping} pinned={self._pinned} backend={conn}"
+        )
+
     # ------------------------------------------------------------------ transaction pooling
     def _attach_nowait(self) -> bool:
         """Attach an idle connection whose settings already match (the common case) at once.
@@ -307,7 +320,9 @@ class Session:
     async def _attach_task(self, conn: BackendConnection | None) -> None:
         try:
             await self._attach(conn)
-        except (PgError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the client, whose messages wait
+            if not isinstance(exc, (PgError, OSError)):
+                log.exception("internal error attaching a node connection")
             err = exc if isinstance(exc, PgError) else node_unavailable("metadata", str(exc))
             self.client.fail(PgError(err.sqlstate, err.message, "FATAL", hint=err.hint))
             return
@@ -462,8 +477,16 @@ class Session:
             # Behind a blocking answer, or behind messages waiting to be replayed: keep order.
             self.backlog.append((mtype, frame))
             return
+        backend = self.backend
+        if backend is not None and backend.closed and mtype != 88 and not self._replace_lost_backend(backend):
+            return
         if self.backend is None and self.txn_pooling and mtype != 88 and not self._attach_nowait():  # 'X'
-            self.backlog.append((mtype, frame))  # replayed once the attaching task has a connection
+            # Replayed once the attaching task has a connection. While draining, the messages
+            # behind this one are still in the backlog: it goes back to the front, not the end.
+            if self._draining:
+                self.backlog.appendleft((mtype, frame))
+            else:
+                self.backlog.append((mtype, frame))
             return
         if self.skipping:
             if mtype == 83:  # 'S' Sync ends the skip
@@ -523,8 +546,15 @@ class Session:
 
     def end_batch(self) -> None:
         buf, self._wbuf = self._wbuf, None
-        if buf and self.backend is not None and not self.backend.closed:
-            self.backend.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        if not buf:
+            return
+        backend = self.backend
+        if backend is None or backend.closed:
+            # Their answers are awaited in ``pending``; dropping the messages silently would
+            # leave the client waiting forever.
+            self._metadata_connection_lost(backend.node_name if backend is not None else "metadata")
+            return
+        backend.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def _on_query(self, payload: bytes, frame: bytes) -> None:
         self._stmt_started = time.perf_counter()
@@ -1159,16 +1189,46 @@ class Session:
             del pending[1]
 
     def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
+        self._metadata_connection_lost(conn.node_name)
+
+    def _metadata_connection_lost(self, node_name: str) -> None:
+        """The session's node connection is gone: its transaction and session state with it."""
         if self.closed:
             return
         err = PgError(
             "08006",
-            f"connection to node {conn.node_name} was lost",
+            f"connection to node {node_name} was lost",
             severity="FATAL",
             hint="The node stopped or the network failed; reconnect to continue.",
         )
         self.metrics.errors.labels(err.sqlstate).inc()
         self.client.fail(err)
+
+    def _replace_lost_backend(self, backend: BackendConnection) -> bool:
+        """A message arrives for a session whose node connection died while nobody relayed on it
+        (a proxy-run statement had it in collect mode, or it died between answers).
+
+        With transaction pooling, between transactions, the session lost nothing: the dead
+        connection goes back (the pool closes it) and the message attaches a live one (True).
+        Otherwise the session's transaction or state died with it: FATAL 08006, as when the
+        connection is lost while relaying (False).
+        """
+        if (
+            self.txn_pooling
+            and not self.pending
+            and not self._unsynced
+            and not self.blocked
+            and not self._pinned
+            and self.tx_status == pg.TX_IDLE
+            and self.tx.txn is None
+            and self.copy_sink is None
+        ):
+            self.backend = None
+            assert self.pool is not None
+            self.pool.release(backend, reset=False)
+            return True
+        self._metadata_connection_lost(backend.node_name)
+        return False
 
     def _observe_latency(self) -> None:
         if self._stmt_started:

@@ -272,7 +272,17 @@ def _transaction(proxy: ProxyProcess, path: str, table: str, by_node: dict[int, 
             c.execute("BEGIN")
             for i in order:
                 c.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i, i))
-            cur = c.execute("COMMIT")
+            try:
+                cur = c.execute("COMMIT")
+            except psycopg.Error:
+                if not c.closed:
+                    # What an application does next. It must get an answer (any answer): a
+                    # session whose metadata-node connection died must not swallow it.
+                    try:
+                        c.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass
+                raise
             assert cur.statusmessage == "COMMIT", cur.statusmessage
         else:
             values = ", ".join(f"({i}, {i})" for i in order)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -274,6 +275,9 @@ def test_bank_invariant_under_faults(bank_cluster: LocalCluster, tmp_path: Path,
         for th in workers:
             th.join(WAIT)
         hung = [th.name for th in workers if th.is_alive()]
+        if hung:  # what each session waits on goes to the proxy's log
+            bank.proxy.process.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
         assert not hung, f"clients hang: {hung}\n{bank.events}\n{bank.proxy.log_tail()}"
         assert not chaos.is_alive() and not chaos_errors, (chaos_errors, bank.events)
         assert any("kill proxy" in e for e in bank.events), bank.events

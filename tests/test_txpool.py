@@ -222,3 +222,74 @@ async def _aconnect(proxy: ProxyProcess) -> Any:
         host=proxy.host, port=proxy.port, user=proxy.user, password=proxy.password,
         database=proxy.dbname, timeout=120,
     )
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_statement_after_losing_the_metadata_connection_is_answered(
+    request: pytest.FixtureRequest, cluster: LocalCluster, mode: str
+) -> None:
+    """The client's node connection dies while the proxy runs its COMMIT (a distributed block's
+    COMMIT goes to the metadata node through the proxy, not relayed): the client gets an error,
+    and whatever it sends next gets an answer (a FATAL 08006: its transaction died), never silence.
+
+    The COMMIT is held up by a deferred constraint trigger that sleeps, and its backend is
+    terminated meanwhile. Both pool modes: the session mode's proxy is the shared ``proxy``.
+    """
+    proxy: ProxyProcess = request.getfixturevalue("proxy" if mode == "session" else "pooled")
+    table = f"txp_slow_commit_{mode}"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as admin:
+        for n in cluster.nodes:
+            admin.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+        admin.execute(f"DROP TABLE IF EXISTS {table}")
+        admin.execute(f"CREATE TABLE {table} (id int)")
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION txp_sleep_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$"
+        )
+        admin.execute(
+            f"CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW EXECUTE FUNCTION txp_sleep_at_commit()"
+        )
+        admin.execute(f"DROP TABLE IF EXISTS {table}_dist")
+        admin.execute(f"CREATE TABLE {table}_dist (id int PRIMARY KEY)")
+        admin.execute(f"SELECT create_distributed_table('{table}_dist', 'id', shard_count => 3)")
+    outcome: dict[str, Any] = {}
+
+    def client() -> None:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+            c.execute("BEGIN")
+            c.execute(f"INSERT INTO {table} VALUES (1)")
+            c.execute(f"SELECT count(*) FROM {table}_dist")  # a distributed read: the proxy runs COMMIT
+            try:
+                c.execute("COMMIT")
+            except psycopg.Error as exc:
+                outcome["commit"] = exc
+            try:
+                c.execute("SELECT 1")
+                outcome["next"] = "answered"
+            except psycopg.Error as exc:
+                outcome["next"] = exc
+
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    try:
+        with psycopg.connect(cluster.nodes[0].dsn(), autocommit=True) as direct:
+            deadline = time.monotonic() + 10
+            while True:
+                row = direct.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'COMMIT'"
+                ).fetchone()
+                if row:
+                    break
+                assert time.monotonic() < deadline and th.is_alive(), (outcome, proxy.log_tail())
+                time.sleep(0.02)
+            direct.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+        th.join(15)
+        assert not th.is_alive(), f"the client waits forever after its connection died: {outcome}"
+        assert isinstance(outcome.get("commit"), psycopg.OperationalError), outcome
+        nxt = outcome["next"]
+        assert isinstance(nxt, psycopg.OperationalError) and nxt.sqlstate in (None, "08006"), outcome
+    finally:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP TABLE IF EXISTS {table}, {table}_dist")
+            admin.execute("DROP FUNCTION IF EXISTS txp_sleep_at_commit() CASCADE")
