@@ -212,11 +212,6 @@ class TxCoordinator:
         if txn is None:
             return await self._client_statement(tc, frame)
         if tc.kind in ("commit", "rollback", "prepare"):
-            if tc.chain:
-                return await self._refuse(
-                    "COMMIT/ROLLBACK AND CHAIN is not supported in a distributed transaction",
-                    "Use COMMIT followed by BEGIN.",
-                )
             if tc.kind == "prepare":
                 return await self._refuse(
                     "PREPARE TRANSACTION is not supported in a distributed transaction",

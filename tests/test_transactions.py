@@ -493,3 +493,52 @@ def test_reference_table_writes_in_a_block(env: Env) -> None:
         ).fetchone()[0] >= 1
     assert env.q(f"SELECT id, v FROM {t} ORDER BY id") == [(1, 10), (2, 20)]
     assert env.prepared() == []
+
+
+# ------------------------------------------------------------------------------ spellings of the end
+END_FORMS = [
+    ("END", True, "I"),
+    ("ABORT", False, "I"),
+    ("commit /* lower case, comment */", True, "I"),
+    ("COMMIT AND CHAIN", True, "T"),
+    ("ROLLBACK AND CHAIN", False, "T"),
+    ("COMMIT TRANSACTION", True, "I"),
+    ("ROLLBACK WORK", False, "I"),
+]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+@pytest.mark.parametrize(("sql", "commits", "status_after"), END_FORMS, ids=[f[0].split(" /*")[0] for f in END_FORMS])
+def test_every_spelling_of_the_end_reaches_every_node(
+    env: Env, sql: str, commits: bool, status_after: str, protocol: str
+) -> None:
+    """END, ABORT, AND CHAIN ...: the nodes' part of the block ends the way the metadata node's
+    does (the rows written on every node are there or not), and a chained block is a new
+    distributed block that works like the first."""
+    t = env.table(f"tx_end_{abs(hash((sql, protocol))) % 10**6}")
+    with env.connect(autocommit=True) as conn:
+        if protocol == "simple":
+            cur = psycopg.ClientCursor(conn)
+        else:
+            cur = conn.cursor()
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        for i in range(ROWS // 2):
+            cur.execute(f"INSERT INTO {t} VALUES (%s, %s)", (i, 1))
+        cur.execute(sql)
+        status = {psycopg.pq.TransactionStatus.IDLE: "I", psycopg.pq.TransactionStatus.INTRANS: "T"}.get(
+            conn.info.transaction_status, "?"
+        )
+        assert status == status_after
+        expected = sorted((i, 1) for i in range(ROWS // 2)) if commits else []
+        assert env.node_rows(t) == expected
+        if status_after == "T":
+            # The chained block: same isolation, distributed writes and reads, a plain COMMIT.
+            cur.execute("SHOW transaction_isolation")
+            assert cur.fetchone() == ("repeatable read",)
+            for i in range(ROWS // 2, ROWS):
+                cur.execute(f"INSERT INTO {t} VALUES (%s, %s)", (i, 2))
+            cur.execute(f"SELECT count(*) FROM {t}")
+            assert cur.fetchone() == (len(expected) + ROWS // 2,)
+            cur.execute("COMMIT")
+            assert env.node_rows(t) == sorted([*expected, *((i, 2) for i in range(ROWS // 2, ROWS))])
+    assert env.prepared() == []
