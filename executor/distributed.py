@@ -695,7 +695,7 @@ async def _write_on_nodes(
     """Run each node's statements in its transaction (the block's, or one of our own).
 
     With ``lead``, that node's statements run and must succeed before any other node's start
-    (reference-table copies, see ``_reference_copies_in_lock_order``).
+    (reference-table copies, see ``copies_in_lock_order``).
     """
     lease = _Lease(ctx)
     open_tx: list[BackendConnection] = []
@@ -785,24 +785,27 @@ async def _run_lead_first(
     return rest
 
 
-def _reference_copies_in_lock_order(nodes: list[int], ctx: ExecContext) -> list[int]:
-    """The nodes of a reference table's copies, the one every writer locks first at the head.
+def copies_in_lock_order(nodes: list[int], metadata_node_id: int | None) -> list[int]:
+    """The nodes of a shard's copies (a reference table's), the one every writer locks first at
+    the head.
 
-    One rule for every proxy and every statement, inside blocks or not: the metadata node if it
-    holds a copy (the copy reads go to as well, so ``SELECT ... FOR UPDATE`` queues there too),
-    else the lowest node id; the rest by node id.
+    One rule for every proxy and every write path (statements, COPY, INSERT ... SELECT), inside
+    blocks or not: the metadata node if it holds a copy (the copy reads go to as well, so
+    ``SELECT ... FOR UPDATE`` queues there too), else the lowest node id; the rest by node id.
+    A writer that reaches a later copy holds the rows on the first one, so writers of the same
+    rows queue on that first copy and never wait on each other across two nodes.
     """
     ordered = sorted(nodes)
-    if ctx.metadata_node_id in ordered:
-        ordered.remove(ctx.metadata_node_id)  # type: ignore[arg-type]
-        ordered.insert(0, ctx.metadata_node_id)  # type: ignore[arg-type]
+    if metadata_node_id in ordered:
+        ordered.remove(metadata_node_id)  # type: ignore[arg-type]
+        ordered.insert(0, metadata_node_id)  # type: ignore[arg-type]
     return ordered
 
 
 async def _run_reference_write(plan: Plan, ctx: ExecContext) -> None:
     """A write to a reference table: on every copy, the lead copy first (fixed lock order)."""
     target = plan.tables[0]
-    nodes = _reference_copies_in_lock_order(target.shards[0].node_ids, ctx)
+    nodes = copies_in_lock_order(target.shards[0].node_ids, ctx.metadata_node_id)
     if not nodes:
         raise PgError("XX000", f"reference table {target.name} has no placement")
     sql = plan.sql_for_shard(plan.template, 0)

@@ -6,7 +6,12 @@ and feeds per-shard buffers to the nodes: when a shard's buffer reaches ``FLUSH_
 sent as one ``COPY <shard> FROM STDIN`` inside that node's open transaction. Memory stays bounded
 (shards × FLUSH_BYTES plus the client messages in flight; the client is paused when too many
 wait). At CopyDone every node's transaction commits — two-phase across nodes, so the load is
-all-or-nothing. A reference table gets every row on every node.
+all-or-nothing. Inside a transaction block the load runs in the block's node transactions
+instead (``DistTransaction``) and commits or rolls back with the block; a failed load fails the
+block, as in PostgreSQL. A reference table gets every row on every node, each buffer on its
+copies one after the other in the lock order every writer uses
+(``executor.distributed.copies_in_lock_order``): concurrent loads and statements writing the same
+keys queue on the first copy instead of deadlocking across nodes.
 
 ``COPY t TO STDOUT`` and ``COPY (query) TO STDOUT``: each shard (or, for a query, each node's
 union of shard queries) runs COPY TO STDOUT and its CopyData is relayed; CSV headers and binary
@@ -35,7 +40,7 @@ from executor.copysplit import (
     binary_field,
     binary_key_text,
 )
-from executor.distributed import shard_of
+from executor.distributed import copies_in_lock_order, shard_of
 from executor.protocol import PgError
 from executor.tasks import run_on
 from orochi_proxy.chunks import ChunkRouter
@@ -44,6 +49,7 @@ from rewriter.model import TableInfo
 from rewriter.quoting import qualified_name, quote_ident
 
 if TYPE_CHECKING:
+    from executor.transaction import DistTransaction
     from orochi_proxy.distsession import DistributedRunner
 
 FLUSH_BYTES = 256 * 1024
@@ -131,7 +137,7 @@ class _NodeWriter:
 
     def __init__(self, conn: BackendConnection, pool) -> None:
         self.conn = conn
-        self.pool = pool
+        self.pool = pool  # None: the connection belongs to the client's block (not ours to end)
 
     async def copy(self, sql: str, data: bytes) -> int:
         msgs = await self.conn.exchange(pg.query(sql), until=(ord("G"), ord("E")))
@@ -146,7 +152,10 @@ class _NodeWriter:
         return int(res.tags[-1].split()[-1]) if res.tags else 0
 
 
-async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: TableInfo) -> str:
+async def copy_from_stdin(
+    runner: DistributedRunner, stmt: ast.CopyStmt, table: TableInfo, txn: DistTransaction | None = None
+) -> str:
+    """Load the client's COPY data; ``txn``: the client's block, whose node transactions take it."""
     session = runner.session
     server = runner.server
     opts = _options(stmt)
@@ -191,9 +200,16 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
     error: BaseException | None = None
     client_done = False  # CopyDone/CopyFail consumed: nothing of the client's left to discard
 
+    md = server.catalog.metadata_node
+    metadata_node_id = md.node_id if md is not None else None
+
     async def writer_for(node: int) -> _NodeWriter:
         w = writers.get(node)
         if w is None:
+            if txn is not None:
+                conn = await txn.conn(node, session.output_settings(), write=True)
+                w = writers[node] = _NodeWriter(conn, None)
+                return w
             pool = server.node_pool(node, session.database)
             conn = await pool.acquire()
             w = writers[node] = _NodeWriter(conn, pool)
@@ -212,7 +228,7 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
         if fmt == "binary":
             data = BINARY_HEADER + data + BINARY_TRAILER
         sql = _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=True)
-        for node in shard.node_ids:
+        for node in copies_in_lock_order(shard.node_ids, metadata_node_id):
             await (await writer_for(node)).copy(sql, data)
 
     def route(rows: list[tuple[bytes, str | None]]) -> list[int]:
@@ -253,7 +269,8 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
             elif mtype == ord("f"):
                 client_done = True
                 raise PgError("57014", f"COPY from stdin failed: {pg.read_cstr(payload, 0)[0]}")
-        await _commit(writers, runner.server.txlog.decider())
+        if txn is None:
+            await _commit(writers, runner.server.txlog.decider())
         writers.clear()
         return f"COPY {total}"
     except BaseException as exc:
@@ -265,14 +282,14 @@ async def copy_from_stdin(runner: DistributedRunner, stmt: ast.CopyStmt, table: 
             # The client keeps sending until CopyDone/CopyFail: swallow the rest of its data.
             if not isinstance(error, asyncio.CancelledError) and not client_done:
                 await _discard_rest(queue, error)
-            for w in writers.values():
-                if w.conn.usable and w.conn.tx_status != b"I":
-                    try:
-                        await w.conn.simple_query("ROLLBACK")
-                    except PgError:
-                        w.conn.broken = True
+            if txn is not None:
+                txn.failed = True  # the block's ROLLBACK (or ROLLBACK TO) ends the nodes' part
+            else:
+                for w in writers.values():
+                    await w.conn.rollback_quietly()
         for w in writers.values():
-            w.pool.release(w.conn, reset=not w.conn.usable)
+            if w.pool is not None:
+                w.pool.release(w.conn, reset=not w.conn.usable)
         if queue.paused:
             session.client.resume_reading()
 
@@ -478,8 +495,6 @@ async def run_copy(runner: DistributedRunner, action: Distributed) -> str | None
     session = runner.session
     if session.tx_status == pg.TX_FAILED:
         raise PgError("25P02", "current transaction is aborted, commands ignored until end of transaction block")
-    if stmt.is_from and session.tx_status != pg.TX_IDLE:
-        raise PgError("0A000", "COPY into distributed or reference tables inside a transaction block is not supported yet")
     search_path = await runner.current_search_path()
     model = runner.server.catalog.model
     if stmt.relation is not None:
@@ -489,7 +504,17 @@ async def run_copy(runner: DistributedRunner, action: Distributed) -> str | None
         if stmt.whereClause is not None:
             raise PgError("0A000", "COPY ... FROM STDIN WHERE is not supported on distributed tables")
         if stmt.is_from:
-            return await copy_from_stdin(runner, stmt, table)
+            txn = await runner.block_transaction()
+            if txn is None:
+                return await copy_from_stdin(runner, stmt, table)
+            try:
+                return await copy_from_stdin(runner, stmt, table, txn)
+            except PgError as exc:
+                await session.tx.fail_backend(exc)  # the block fails, as after any failed statement
+                raise
+            except BaseException:
+                await session.tx.fail_backend(PgError("57014", "canceled"))
+                raise
         return await copy_to_stdout(runner, stmt, table, None)
     from rewriter.planner import plan_statement
 

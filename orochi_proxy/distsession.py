@@ -245,7 +245,7 @@ class DistributedRunner:
         """Rows of ``sql`` on the session's metadata connection, as text (a tabledef ``Query``)."""
         return [[None if v is None else v.decode() for v in r] for r in await self._backend_query(sql)]
 
-    async def _block_transaction(self) -> DistTransaction | None:
+    async def block_transaction(self) -> DistTransaction | None:
         """The distributed transaction of the client's open block (None outside blocks)."""
         s = self.session
         if s.tx_status == pg.TX_FAILED:
@@ -423,7 +423,7 @@ class DistributedRunner:
             tag = await self.run_other(dp.statement.action)
             dp.done = True
             return pg.command_complete(tag), False
-        txn = await self._block_transaction()
+        txn = await self.block_transaction()
         ctx = self._context(row_description=None)
         ctx.txn = txn
         ctx.params = dp.bind.params
@@ -486,7 +486,7 @@ class DistributedRunner:
             search_path = await self.current_search_path()
             shape_plan = self.server.plans.get_shape(self.server, norm, search_path)
             if shape_plan is not None and _literals_route(shape_plan, norm):
-                txn = await self._block_transaction()
+                txn = await self.block_transaction()
                 fkey = (norm.key, self.server.catalog.model.version, search_path)
                 fields = self.shape_fields.get(fkey, _MISSING)
                 if fields is _MISSING:
@@ -504,7 +504,7 @@ class DistributedRunner:
         if plan is None:
             self.session.client.write(pg.command_complete(await self.run_other(action)))
             return
-        txn = await self._block_transaction()
+        txn = await self.block_transaction()
         _, fields = await self.describe(action.sql, [])
         row_description = pg.row_description(fields) if fields is not None else None
         ctx = self._context(row_description=row_description)

@@ -495,6 +495,61 @@ def test_reference_table_writes_in_a_block(env: Env) -> None:
     assert env.prepared() == []
 
 
+# ------------------------------------------------------------------------------ COPY FROM in a block
+def _copy_rows(conn: psycopg.Connection[Any], table: str, rows: list[tuple[int, int]]) -> None:
+    with conn.cursor().copy(f"COPY {table} (id, v) FROM STDIN") as cp:
+        for r in rows:
+            cp.write_row(r)
+
+
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+def test_copy_in_a_block_commits_and_rolls_back_with_it(env: Env, end: str) -> None:
+    """COPY FROM inside BEGIN ... COMMIT loads into the block's node transactions: the block
+    reads the rows, nobody else does before COMMIT, and ROLLBACK leaves nothing on any node."""
+    t = env.table(f"tx_copy_{end.lower()}")
+    ref = env.table(f"tx_copy_ref_{end.lower()}", reference=True)
+    rows = [(i, i * 3) for i in range(ROWS)]
+    with env.connect() as conn, env.connect(autocommit=True) as other:
+        conn.execute(f"INSERT INTO {t} VALUES (1000, 0)")
+        _copy_rows(conn, t, rows)
+        _copy_rows(conn, ref, rows[:5])
+        conn.execute(f"UPDATE {t} SET v = v + 1 WHERE id < 3")  # the block's own COPY rows
+        assert conn.execute(f"SELECT count(*), sum(v) FROM {t}").fetchone() == (ROWS + 1, sum(v for _, v in rows) + 3)
+        assert conn.execute(f"SELECT count(*) FROM {t} d JOIN {ref} r USING (id)").fetchone() == (5,)
+        assert other.execute(f"SELECT count(*) FROM {t}").fetchone() == (0,)
+        assert env.node_rows(t) == []
+        conn.execute(end)
+    if end == "COMMIT":
+        expected = sorted([(1000, 0), *((i, v + (1 if i < 3 else 0)) for i, v in rows)])
+        assert env.node_rows(t) == expected
+        for c in env.nodes:  # every copy of the reference table has the rows
+            shard = env.q(f"SELECT shard_name FROM citus_shards WHERE table_name = 'public.{ref}'")[0][0]
+            assert sorted(c.execute(f"SELECT * FROM {shard}").fetchall()) == rows[:5]
+    else:
+        assert env.node_rows(t) == []
+        assert env.q(f"SELECT count(*) FROM {ref}") == [(0,)]
+    assert env.prepared() == []
+
+
+def test_failed_copy_fails_the_block(env: Env) -> None:
+    """A COPY that fails inside a block (a duplicate key on one node) fails the block as in
+    PostgreSQL: 25P02 until ROLLBACK (TO SAVEPOINT), and none of its rows survive."""
+    t = env.table("tx_copy_fail")
+    env.admin.execute(f"INSERT INTO {t} VALUES (7, 7)")
+    with env.connect() as conn:
+        conn.execute(f"INSERT INTO {t} VALUES (100, 100)")
+        conn.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            _copy_rows(conn, t, [(i, i) for i in range(ROWS)])
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute(f"SELECT count(*) FROM {t}")
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        _copy_rows(conn, t, [(200, 1), (201, 2)])
+        conn.commit()
+    assert env.node_rows(t) == [(7, 7), (100, 100), (200, 1), (201, 2)]
+    assert env.prepared() == []
+
+
 # ------------------------------------------------------------------------------ spellings of the end
 END_FORMS = [
     ("END", True, "I"),
