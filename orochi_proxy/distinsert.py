@@ -10,6 +10,7 @@ pushed down instead and moves no rows through the proxy).
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -20,11 +21,15 @@ from executor import protocol as pg
 from executor.protocol import PgError
 from orochi_proxy.chunks import ChunkRouter
 from orochi_proxy.distcopy import _commit, _NodeWriter
+from rewriter.model import TableInfo
 from rewriter.planner import Plan, plan_statement
 from rewriter.quoting import qualified_name, quote_ident
 
 if TYPE_CHECKING:
     from orochi_proxy.distsession import DistributedRunner
+
+#: Rows routed between two turns of the event loop (~50 ms of work for a hypertable).
+ROUTE_SLICE = 1000
 
 
 def copy_text_value(value: bytes | None) -> bytes:
@@ -84,7 +89,9 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
         t_index = names.index(ht.time_column)
         chunker = ChunkRouter(runner.server, runner.session.database, table, runner.session.output_settings())
     buffers: dict[int, list[bytes]] = defaultdict(list)
-    for row in rows:
+    for n, row in enumerate(rows):
+        if n % ROUTE_SLICE == ROUTE_SLICE - 1:
+            await asyncio.sleep(0)  # other clients' turn: routing 500k rows takes seconds
         if key >= 0:
             value = row[key]
             if value is None:
@@ -100,44 +107,46 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
             chunker.note(idx, None if raw is None else raw.decode())
     if chunker is not None:
         await chunker.settle()
+    await _load(table, names, buffers, ctx)
+    ctx.write(pg.command_complete(f"INSERT 0 {len(rows)}"))
+
+
+async def _load(table: TableInfo, names: list[str], buffers: dict[int, list[bytes]], ctx: distributed.ExecContext) -> None:
+    """COPY each shard's rows to its copies (in lock order): inside the client's block through
+    its node transactions, which commit with the block; else in one transaction per node,
+    two-phase committed across nodes."""
     cols = ", ".join(quote_ident(n) for n in names)
-    if ctx.txn is not None:
-        # Inside the client's transaction block: load through its node transactions, which
-        # commit with the block.
-        for idx, lines in buffers.items():
-            shard = table.shards[idx]
-            sql = f"COPY {qualified_name(table.schema, table.shard_name(shard))} ({cols}) FROM STDIN"
-            for node in shard.node_ids:
-                conn = await ctx.txn.conn(node, ctx.settings, write=True)
-                await _NodeWriter(conn, None).copy(sql, b"".join(lines))
-        ctx.write(pg.command_complete(f"INSERT 0 {len(rows)}"))
-        return
     writers: dict[int, _NodeWriter] = {}
+
+    async def writer_for(node: int) -> _NodeWriter:
+        w = writers.get(node)
+        if w is None:
+            if ctx.txn is not None:
+                conn = await ctx.txn.conn(node, ctx.settings, write=True)
+                w = writers[node] = _NodeWriter(conn, None)
+                return w
+            pool = ctx.pool_for(node)
+            conn = await pool.acquire()
+            w = writers[node] = _NodeWriter(conn, pool)
+            await distributed.apply_settings(conn, ctx.settings)
+            await conn.simple_query("BEGIN")
+        return w
+
+    done = False
     try:
         for idx, lines in buffers.items():
             shard = table.shards[idx]
             sql = f"COPY {qualified_name(table.schema, table.shard_name(shard))} ({cols}) FROM STDIN"
-            for node in shard.node_ids:
-                w = writers.get(node)
-                if w is None:
-                    pool = ctx.pool_for(node)
-                    conn = await pool.acquire()
-                    w = writers[node] = _NodeWriter(conn, pool)
-                    await distributed.apply_settings(conn, ctx.settings)
-                    await conn.simple_query("BEGIN")
-                await w.copy(sql, b"".join(lines))
-        await _commit(writers, ctx.decider or distributed._NO_LOG)
-        writers_done = True
-    except BaseException:
-        writers_done = False
-        raise
+            data = b"".join(lines)
+            for node in distributed.copies_in_lock_order(shard.node_ids, ctx.metadata_node_id):
+                await (await writer_for(node)).copy(sql, data)
+        if ctx.txn is None:
+            await _commit(writers, ctx.decider or distributed._NO_LOG)
+        done = True
     finally:
         for w in writers.values():
-            if not writers_done and w.conn.usable and w.conn.tx_status != b"I":
-                try:
-                    await w.conn.simple_query("ROLLBACK")
-                except PgError:
-                    w.conn.broken = True
+            if w.pool is None:
+                continue  # the block's connection: its failure fails the block (the caller)
+            if not done:
+                await w.conn.rollback_quietly()
             w.pool.release(w.conn, reset=not w.conn.usable)
-    ctx.write(pg.command_complete(f"INSERT 0 {len(rows)}"))
-
