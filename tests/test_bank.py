@@ -220,23 +220,7 @@ def _chaos(bank: Bank, stop: threading.Event, seed: int, errors: list[BaseExcept
         stop.set()
 
 
-@pytest.mark.parametrize(
-    "pool_mode",
-    [
-        "session",
-        pytest.param(
-            "transaction",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason=(
-                    "bug, open in issue 4: in pool_mode = transaction a client sometimes never gets an "
-                    "answer after the metadata node (node 0) is crashed and restarted mid-run (about 1 run "
-                    "in 2 on a loaded 2-core machine; the invariants held in every run that finished)"
-                ),
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
 def test_bank_invariant_under_faults(bank_cluster: LocalCluster, tmp_path: Path, pool_mode: str) -> None:
     """The invariants above, with clients holding a metadata-node connection for their whole
     session (``session``) or only inside each transaction (``transaction`` pooling)."""

@@ -234,6 +234,9 @@ def test_statement_after_losing_the_metadata_connection_is_answered(
 
     The COMMIT is held up by a deferred constraint trigger that sleeps, and its backend is
     terminated meanwhile. Both pool modes: the session mode's proxy is the shared ``proxy``.
+    The next statement is a prepared one (Bind/Execute/Sync only): before the fix, those were
+    put in a batch for the dead connection and dropped, and the client waited forever — the
+    hang of the bank test in transaction mode after a metadata-node crash.
     """
     proxy: ProxyProcess = request.getfixturevalue("proxy" if mode == "session" else "pooled")
     table = f"txp_slow_commit_{mode}"
@@ -257,6 +260,7 @@ def test_statement_after_losing_the_metadata_connection_is_answered(
 
     def client() -> None:
         with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+            c.execute("SELECT 1", prepare=True)  # later only Bind/Execute/Sync, forwarded as is
             c.execute("BEGIN")
             c.execute(f"INSERT INTO {table} VALUES (1)")
             c.execute(f"SELECT count(*) FROM {table}_dist")  # a distributed read: the proxy runs COMMIT
@@ -265,7 +269,7 @@ def test_statement_after_losing_the_metadata_connection_is_answered(
             except psycopg.Error as exc:
                 outcome["commit"] = exc
             try:
-                c.execute("SELECT 1")
+                c.execute("SELECT 1", prepare=True)
                 outcome["next"] = "answered"
             except psycopg.Error as exc:
                 outcome["next"] = exc
