@@ -1146,6 +1146,11 @@ class Session:
                         # happen): the nodes' part must not stay open.
                         log.warning("transaction block ended on the metadata node; rolling back its node transactions")
                         self.tx.abandon()
+                        self.client.write(pg.notice_response(
+                            "orochi: the transaction block ended by a statement the proxy did not see as "
+                            "transaction control; its writes on distributed tables were rolled back",
+                            "WARNING", "01000",
+                        ))
             elif t == _ERR:
                 self.metrics.errors.labels(_sqlstate_of(buf[s:e])).inc()
                 self._copy_in_extended = False  # an error ends COPY mode on the node
@@ -1251,14 +1256,20 @@ class Session:
             actions = _merge_passthrough(self.router.analyze(sql, tx_control=True))
         except PgError as exc:
             return exc.to_message() + pg.ready_for_query(self.tx_status), False
-        implicit = self.tx_status == pg.TX_IDLE and _needs_implicit_block(actions)
-        if implicit:
-            msgs = await self._collect_from_backend(pg.query("BEGIN"))
-            if any(t == _ERR for t, _ in msgs):
-                body = b"".join(pg.message(bytes([t]), p) for t, p in msgs if t != _READY)
-                return body + pg.ready_for_query(self.tx_status), False
+        # Statements outside the client's block run in implicit blocks, as PostgreSQL runs a
+        # multi-statement Query: one opens before a statement when none is open, and lasts
+        # until the Query ends or a transaction-control statement ends or adopts it.
+        use_implicit = self.tx_status == pg.TX_IDLE and _needs_implicit_block(actions)
+        implicit = False
         failed = False
         for action in actions:
+            if use_implicit and not implicit and self.tx_status == pg.TX_IDLE and not isinstance(action, TxControl):
+                msgs = await self._collect_from_backend(pg.query("BEGIN"))
+                if any(t == _ERR for t, _ in msgs):
+                    self.client.write(b"".join(pg.message(bytes([t]), p) for t, p in msgs if t != _READY))
+                    failed = True
+                    break
+                implicit = True
             try:
                 if isinstance(action, Passthrough):
                     self._passthrough_count.inc()
@@ -1269,7 +1280,10 @@ class Session:
                         failed = True
                         break
                 elif isinstance(action, TxControl):
-                    data, error = await self.tx.control(action, None)
+                    if implicit:
+                        data, error, implicit = await self._tx_control_in_implicit_block(action)
+                    else:
+                        data, error = await self.tx.control(action, None)
                     self.client.write(data)
                     if error:
                         failed = True
@@ -1290,6 +1304,32 @@ class Session:
             if error:
                 self.client.write(data)  # the implicit COMMIT failed: its error ends the Query
         return pg.ready_for_query(self.tx_status), False
+
+    async def _tx_control_in_implicit_block(self, tc: TxControl) -> tuple[bytes, bool, bool]:
+        """Transaction control met inside the implicit block of a multi-statement Query, as
+        PostgreSQL treats it there: (answer, error?, is the implicit block still open?).
+
+        BEGIN makes the block the client's (the statements before it included); COMMIT and
+        ROLLBACK end it with warning 25P01 (there was no BEGIN); AND CHAIN and savepoint commands
+        are errors (the block then rolls back with the Query); SET LOCAL and the rest apply to it.
+        The block is an explicit one on the nodes, which would not answer the same.
+        """
+        if tc.kind == "begin":
+            data, error = await self.tx.adopt_block(tc)
+            return data, error, error
+        if tc.kind in ("commit", "rollback") and not tc.chain:
+            data, error = await self.tx.control(tc, None)
+            if error:
+                return data, True, self.tx_status != pg.TX_IDLE
+            return pg.notice_response("there is no transaction in progress", "WARNING", "25P01") + data, False, False
+        if tc.kind in ("commit", "rollback", "savepoint", "release", "rollback_to"):
+            what = {
+                "commit": "COMMIT AND CHAIN", "rollback": "ROLLBACK AND CHAIN", "savepoint": "SAVEPOINT",
+                "release": "RELEASE SAVEPOINT", "rollback_to": "ROLLBACK TO SAVEPOINT",
+            }[tc.kind]
+            return PgError("25P01", f"{what} can only be used in transaction blocks").to_message(), True, True
+        data, error = await self.tx.control(tc, None)
+        return data, error, True
 
     async def _execute_dist_portal(self, dp: DistPortal, max_rows: int) -> tuple[bytes, bool]:
         """Execute a distributed portal; a write in a batch of several Executes opens a block.
@@ -1419,7 +1459,7 @@ def _needs_implicit_block(actions: list[Passthrough | AdminCall | Distributed | 
         return False
     writes = False
     for a in actions:
-        if isinstance(a, TxControl | AdminCall):
+        if isinstance(a, AdminCall):
             return False
         if isinstance(a, Distributed):
             if isinstance(a.stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):

@@ -57,7 +57,7 @@ class TxControl:
 _TX_KINDS = {0: "begin", 1: "begin", 2: "commit", 3: "rollback", 4: "savepoint", 5: "release", 6: "rollback_to", 7: "prepare"}
 
 # Cheap pre-check on raw bytes: only texts with one of these words can be transaction control.
-TX_WORDS = re.compile(rb"(?i)\b(?:commit|end|rollback|abort|savepoint|release|prepare|local)\b")
+TX_WORDS = re.compile(rb"(?i)\b(?:begin|start|commit|end|rollback|abort|savepoint|release|prepare|local)\b")
 
 
 def tx_control_of(stmt: ast.Node, text: str) -> TxControl | None:

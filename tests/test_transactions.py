@@ -422,6 +422,108 @@ def test_pipeline_after_the_clients_begin_stays_the_clients_block(env: Env) -> N
     assert env.prepared() == []
 
 
+def test_begin_in_the_middle_of_a_pipeline_makes_it_the_clients_block(env: Env) -> None:
+    """A BEGIN after a batch's first statements turns the batch's implicit transaction into the
+    client's block in PostgreSQL (the earlier statements join it, the block outlives the Sync,
+    and no 'already a transaction in progress' warning). Checked against a plain node."""
+    t = env.table("tx_pipe_midbegin")
+    plain = env.nodes[1]
+    plain.execute("DROP TABLE IF EXISTS tx_pipe_midbegin_plain")
+    plain.execute("CREATE TABLE tx_pipe_midbegin_plain (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+    seen: dict[str, list[Any]] = {}
+    try:
+        for side, dsn, table in (("plain", env.cluster.nodes[1].dsn(), "tx_pipe_midbegin_plain"), ("proxy", env.proxy.dsn(), t)):
+            notices: list[str] = []
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.add_notice_handler(lambda d, notices=notices: notices.append(d.sqlstate or ""))
+                ins = f"INSERT INTO {table} VALUES (%s, %s)"
+                with conn.pipeline():
+                    conn.execute(ins, (1, 1))
+                    conn.execute(ins, (2, 2))
+                    conn.execute("BEGIN")
+                    conn.execute(ins, (3, 3))
+                status = conn.info.transaction_status
+                conn.execute("ROLLBACK")
+                after_rollback = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+                with conn.pipeline():
+                    conn.execute(ins, (4, 4))
+                    conn.execute(ins, (5, 5))
+                    conn.execute("BEGIN")
+                    conn.execute(ins, (6, 6))
+                conn.execute("COMMIT")
+                # The same in one multi-statement simple Query.
+                psycopg.ClientCursor(conn).execute(
+                    f"INSERT INTO {table} VALUES (7, 7); INSERT INTO {table} VALUES (8, 8); BEGIN; "
+                    f"INSERT INTO {table} VALUES (9, 9)"
+                )
+                status_simple = conn.info.transaction_status
+                conn.execute("ROLLBACK")
+                rows = conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+            seen[side] = [status, after_rollback, status_simple, rows, notices]
+    finally:
+        plain.execute("DROP TABLE IF EXISTS tx_pipe_midbegin_plain")
+    assert seen["proxy"] == seen["plain"]
+    assert seen["plain"][0] == seen["plain"][2] == psycopg.pq.TransactionStatus.INTRANS
+    assert env.node_rows(t) == [(4, 4), (5, 5), (6, 6)]
+    assert env.prepared() == []
+
+
+TX_IN_BATCH = {
+    "commit-mid": ["INSERT 1", "INSERT 2", "COMMIT", "INSERT 3", "INSERT 1"],
+    "rollback-mid": ["INSERT 1", "INSERT 2", "ROLLBACK", "INSERT 3"],
+    "end-then-fail": ["INSERT 1", "END", "INSERT 2", "SELECT 1/0"],
+    "savepoint": ["INSERT 1", "SAVEPOINT s", "INSERT 2"],
+    "chain": ["INSERT 1", "COMMIT AND CHAIN", "INSERT 2"],
+    "set-local": ["INSERT 1", "SET LOCAL lock_timeout = '3s'", "INSERT 2"],
+    "begin-first": ["BEGIN", "INSERT 1", "INSERT 2", "COMMIT", "INSERT 3"],
+    "begin-last": ["INSERT 1", "INSERT 2", "BEGIN"],
+}
+
+
+def _run_batch(conn: psycopg.Connection[Any], table: str, steps: list[str], protocol: str) -> list[Any]:
+    """Run ``steps`` as one pipeline (one Sync) or one multi-statement Query; what the client saw."""
+    sqls = [f"INSERT INTO {table} VALUES ({s.split()[1]}, 0)" if s.startswith("INSERT") else s for s in steps]
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.sqlstate or ""))
+    error = None
+    try:
+        if protocol == "pipeline":
+            with conn.pipeline():
+                for sql in sqls:
+                    conn.execute(sql)
+        else:
+            psycopg.ClientCursor(conn).execute("; ".join(sqls))
+    except psycopg.Error as exc:
+        error = exc.sqlstate
+    status = conn.info.transaction_status
+    if status != psycopg.pq.TransactionStatus.IDLE:
+        conn.execute("ROLLBACK")
+    rows = conn.execute(f"SELECT id FROM {table} ORDER BY id").fetchall()
+    return [error, status, notices, rows]
+
+
+@pytest.mark.parametrize("protocol", ["pipeline", "query"])
+@pytest.mark.parametrize("case", list(TX_IN_BATCH))
+def test_transaction_control_inside_a_batch_is_answered_as_postgres_does(env: Env, case: str, protocol: str) -> None:
+    """COMMIT, ROLLBACK, END, SAVEPOINT, AND CHAIN, SET LOCAL, BEGIN among a batch's distributed
+    writes (a pipeline up to one Sync, or one multi-statement Query): the error, transaction
+    status, warnings and the rows left are those of a plain PostgreSQL given the same batch."""
+    t = env.table(f"tx_batch_{case.replace('-', '_')}_{protocol}")
+    plain_table = f"tx_batch_plain_{case.replace('-', '_')}_{protocol}"
+    direct = env.nodes[1]
+    direct.execute(f"DROP TABLE IF EXISTS {plain_table}")
+    direct.execute(f"CREATE TABLE {plain_table} (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+    try:
+        with psycopg.connect(env.cluster.nodes[1].dsn(), autocommit=True) as c:
+            want = _run_batch(c, plain_table, TX_IN_BATCH[case], protocol)
+        with env.connect(autocommit=True) as c:
+            got = _run_batch(c, t, TX_IN_BATCH[case], protocol)
+    finally:
+        direct.execute(f"DROP TABLE IF EXISTS {plain_table}")
+    assert got == want
+    assert env.prepared() == []
+
+
 def test_lone_statement_batches_keep_the_direct_path(env: Env) -> None:
     """Parse/Bind/Execute/Sync of one distributed write opens no block (no metadata-node round
     trip: that connection's last statement stays the same); a batch of several does."""
