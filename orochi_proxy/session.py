@@ -19,9 +19,22 @@ Design (why it looks like this):
   client's later messages wait in ``backlog`` until it finishes, so the task can use the
   backend connection in collect mode and nothing overtakes it.
 
-Pool mode is *session*: the client holds one metadata-node connection from start-up to
-Terminate; prepared statement names pass through unchanged. (Transaction pooling, which
-renames statements per backend, comes with distributed transactions.)
+* **Transactions.** Transaction control is the ``TxCoordinator``'s (``self.tx``) as soon as a
+  distributed statement joined the block; a multi-statement Query or an extended-protocol batch
+  with a distributed write runs in an implicit block the proxy opens, with PostgreSQL's rules
+  for transaction control inside it (``_tx_control_in_implicit_block``).
+* **A lost node connection is never silent.** Lost while relaying: FATAL 08006
+  (``on_backend_lost``). Lost while a proxy-run statement held it (collect mode): the next
+  client message finds it closed and gets FATAL 08006, or, between transactions with
+  transaction pooling, a fresh connection (``_replace_lost_backend``); nothing is ever queued
+  for a dead connection, since its answer would never come.
+
+Pool modes: *session* (default) — the client holds one metadata-node connection from start-up
+to Terminate, prepared statement names pass through unchanged; *transaction* — the session
+holds a connection only inside a transaction or an unfinished batch (``_attach_nowait``,
+``_maybe_detach``), with its settings and prepared statements reproduced on each
+(``orochi_proxy.txpool``). ``kill -USR1`` makes the server log every session's state
+(``describe``).
 """
 
 from __future__ import annotations
