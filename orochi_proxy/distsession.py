@@ -473,6 +473,28 @@ class DistributedRunner:
         await distributed.execute(plan, ctx)
 
     # ------------------------------------------------------------------ simple protocol
+    async def run_shape(self, sql: str, norm: Normalized) -> bool:
+        """Run a literal statement by the cached plan of its shape; False (nothing done) when
+        the shape has no plan for the session's search_path or its literals do not route."""
+        search_path = await self.current_search_path()
+        shape_plan = self.server.plans.get_shape(self.server, norm, search_path)
+        if shape_plan is None or not _literals_route(shape_plan, norm):
+            return False
+        txn = await self.block_transaction()
+        fkey = (norm.key, self.server.catalog.model.version, search_path)
+        fields = self.shape_fields.get(fkey, _MISSING)
+        if fields is _MISSING:
+            _, fields = await self.describe(sql, [])
+            if len(self.shape_fields) > 2000:
+                self.shape_fields.clear()
+            self.shape_fields[fkey] = fields
+        ctx = self._context(row_description=pg.row_description(fields) if fields is not None else None)
+        ctx.literals = norm.literals
+        ctx.txn = txn
+        self.server.metrics.statements.labels(_strategy(shape_plan)).inc()
+        await self._run_in_block(ctx, distributed.execute(shape_plan, ctx))
+        return True
+
     async def run_simple(self, action: Distributed) -> None:
         """One statement of a simple Query: describe on the shell, run, write T/D/C."""
         if isinstance(action.stmt, ast.ExplainStmt):
@@ -482,24 +504,8 @@ class DistributedRunner:
             self.session.client.write(plan_rows(lines, simple=True))
             return
         norm = normalize(action.sql)
-        if norm is not None:
-            search_path = await self.current_search_path()
-            shape_plan = self.server.plans.get_shape(self.server, norm, search_path)
-            if shape_plan is not None and _literals_route(shape_plan, norm):
-                txn = await self.block_transaction()
-                fkey = (norm.key, self.server.catalog.model.version, search_path)
-                fields = self.shape_fields.get(fkey, _MISSING)
-                if fields is _MISSING:
-                    _, fields = await self.describe(action.sql, [])
-                    if len(self.shape_fields) > 2000:
-                        self.shape_fields.clear()
-                    self.shape_fields[fkey] = fields
-                ctx = self._context(row_description=pg.row_description(fields) if fields is not None else None)
-                ctx.literals = norm.literals
-                ctx.txn = txn
-                self.server.metrics.statements.labels(_strategy(shape_plan)).inc()
-                await self._run_in_block(ctx, distributed.execute(shape_plan, ctx))
-                return
+        if norm is not None and await self.run_shape(action.sql, norm):
+            return
         plan = await self.plan(action)
         if plan is None:
             self.session.client.write(pg.command_complete(await self.run_other(action)))

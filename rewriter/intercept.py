@@ -165,6 +165,12 @@ class Interceptor:
         self.tables = frozenset(tables)
         # Decides whether a parsed statement mentions a catalog table (set by the server).
         self.is_catalog_table = is_catalog_table
+        # Shapes (``rewriter.literals.Normalized.key``) of Query texts that ``analyze`` found to
+        # be one distributed statement. Every text of such a shape is one too: the verdict
+        # depends on names and structure, never on constants. Kept by the caller (the session's
+        # simple-Query path), which then skips the parse; this object is rebuilt on each
+        # catalog change, and the set with it.
+        self.distributed_shapes: set[str] = set()
         names = sorted(self.functions | self.views | {t.lower() for t in self.tables}, key=len, reverse=True)
         # One pass over the bytes. A Unicode-escaped identifier (U&"...") could spell a name
         # the word match cannot see, so it always counts as a match.

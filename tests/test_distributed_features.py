@@ -1089,3 +1089,46 @@ def test_statement_prepared_before_distribution_sees_the_shards(env: Env) -> Non
         assert conn.execute(sql, (0,), prepare=True).fetchall() == [(2,)]
         env.q(f"SELECT create_distributed_table('{t}', 'id', shard_count => 4)")
         assert conn.execute(sql, (0,), prepare=True).fetchall() == [(2,)]
+
+
+def test_repeated_literal_shapes_answer_like_the_first(env: Env) -> None:
+    """The simple-Query path skips the parse for a text whose shape (constants aside) was seen
+    before as one distributed statement: each such text still routes by its own constants, fails
+    with its own error, and reads its own writes inside a block; a catalog change (the table
+    undistributed) is seen at once. Compared with the same statements on a plain table."""
+    t = "feat_shapes"
+    env.proxy.execute(f"DROP TABLE IF EXISTS {t}, {t}_plain")
+    env.proxy.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text NOT NULL)")
+    env.proxy.execute(f"CREATE TABLE {t}_plain (id int PRIMARY KEY, v text NOT NULL)")  # metadata node only
+    env.q(f"SELECT create_distributed_table('{t}', 'id', shard_count => 6)")
+
+    def both(sql: str) -> None:
+        """Run ``sql`` (simple protocol) on both tables: the same rows or the same SQLSTATE."""
+        out = []
+        for table in (t, f"{t}_plain"):
+            cur = psycopg.ClientCursor(env.proxy)
+            try:
+                cur.execute(sql.format(t=table))
+                out.append(("ok", cur.statusmessage, cur.fetchall() if cur.description else None))
+            except psycopg.Error as exc:
+                out.append(("error", exc.sqlstate, None))
+        assert out[0] == out[1], sql
+
+    for i in range(12):  # every shard, the same three shapes over and over
+        both(f"INSERT INTO {{t}} VALUES ({i}, 'v{i}')")
+        both(f"SELECT v FROM {{t}} WHERE id = {i}")
+        both(f"UPDATE {{t}} SET v = v || '!' WHERE id = {i} RETURNING id, v")
+    both("INSERT INTO {t} VALUES (3, 'dup')")  # 23505 on the shape seen 12 times
+    both("SELECT v FROM {t} WHERE id = 'x'")  # 22P02
+    both("SELECT v FROM {t} WHERE id = 99")  # no row
+    env.proxy.execute("BEGIN")
+    try:
+        both("INSERT INTO {t} VALUES (100, 'in block')")
+        both("SELECT v FROM {t} WHERE id = 100")
+    finally:
+        env.proxy.execute("ROLLBACK")
+    both("SELECT v FROM {t} WHERE id = 100")
+    env.q(f"SELECT undistribute_table('{t}')")
+    both("SELECT v FROM {t} WHERE id = 5")
+    assert node_rows(env.metadata, f"SELECT count(*) FROM {t}") == [(12,)]  # local again
+    env.proxy.execute(f"DROP TABLE IF EXISTS {t}, {t}_plain")
