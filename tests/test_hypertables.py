@@ -6,6 +6,7 @@ catalog views; tables are named ``ht_*`` (unique to this module).
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -150,6 +151,41 @@ def test_copy_creates_chunks_text_csv_and_binary(env: Env) -> None:
     assert len(chunk_names(env, "ht_copy")) == 5
     assert env.q("SELECT count(*) FROM ht_copy") == [(51,)]
     assert env.q("SELECT device FROM ht_copy WHERE time >= '2024-05-05' ORDER BY 1") == [(200,)]
+
+
+@pytest.mark.parametrize("time_type", ["timestamptz", "timestamp"])
+def test_copy_rows_far_from_utc_land_in_the_right_chunks(env: Env, time_type: str) -> None:
+    """COPY notes most rows by their calendar day alone once the day lies, whatever the time
+    and zone, inside an existing chunk. Rows at UTC+14 just after midnight of a chunk's first
+    day belong to the chunk before (for timestamptz), rows at UTC-12 just before midnight of its
+    last day to the chunk after; neither exists yet, and each such row comes after rows of the
+    same day that made the day known. The chunks must still be created (or the node refuses the
+    rows), and every row must read back as PostgreSQL converts its text."""
+    t = f"ht_far_zones_{time_type}"
+    env.q(f"CREATE TABLE {t} (time {time_type} NOT NULL, n int)")
+    env.q(f"SELECT create_hypertable('{t}', by_range('time', INTERVAL '7 days'))")
+    with env.connect(autocommit=True) as c:
+        c.execute("SET TimeZone = 'UTC'")
+        with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
+            cp.write_row(("2024-03-11 12:00:00+00", 0))
+        lo, hi = c.execute(
+            "SELECT range_start, range_end FROM timescaledb_information.chunks WHERE hypertable_name = %s", (t,)
+        ).fetchone()
+        days = [(lo + datetime.timedelta(days=k)).strftime("%Y-%m-%d") for k in range((hi - lo).days)]
+        rows = []
+        for d in days:
+            rows += [f"{d} 12:00:00+00", f"{d} 00:00:01+14:00", f"{d} 23:59:59-12:00", f"{d} 00:00:00", f"{d} 24:00:00"]
+        with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
+            for i, r in enumerate(rows, 1):
+                cp.write_row((r, i))
+        got = sorted(c.execute(f"SELECT time, n FROM {t}").fetchall(), key=lambda r: r[1])
+        want = c.execute(
+            f"SELECT v::{time_type}, n FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, n) ORDER BY n",
+            (["2024-03-11 12:00:00+00", *rows],),
+        ).fetchall()
+        chunks = c.execute("SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = %s", (t,)).fetchone()[0]
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert chunks == (3 if time_type == "timestamptz" else 2)  # before/after; 24:00:00 of the last day
 
 
 def test_concurrent_inserts_into_a_new_range_create_one_chunk(env: Env) -> None:
