@@ -147,10 +147,8 @@ async def migrate_rows(server: ProxyServer, session: Session, table: TableInfo) 
 
 
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-# Any time of a calendar day, written with any zone (UTC offsets stay within ±16 h), lies in
-# [midnight - 16 h, midnight + 40 h) (``24:00:00`` included), in internal µs of every time type.
-_DAY_BEFORE = 16 * 3600 * 1_000_000
-_DAY_AFTER = 40 * 3600 * 1_000_000
+_OFFSET = re.compile(r"([+-])(\d{2})(?::?(\d{2}))?")
+_HOUR = 3600 * 1_000_000
 _DATE_TYPES = frozenset({"timestamptz", "timestamp", "date"})
 
 
@@ -160,10 +158,11 @@ class ChunkRouter:
     ``note(shard, time_text)`` per row; ``settle()`` before rows are sent converts the unusual
     time texts on the metadata node and creates the chunks the noted rows need.
 
-    Most rows need no parse at all: once a row's calendar day (its ``YYYY-MM-DD`` prefix) is
-    known to lie, whatever its time and zone, inside one existing chunk of its shard, every
-    later row of that day and shard is noted by a dictionary lookup (``_whole_days``). Parsing
-    each row's time text took 63-75% of the proxy's CPU during hypertable COPY. The node's
+    Most rows need no parse at all: once a row's calendar day (its ``YYYY-MM-DD`` prefix) with
+    its zone suffix (``+00``, ``-05:30``; none or a zone name count as one unknown zone) is
+    known to lie, whatever the time of day, inside one existing chunk of its shard, every later
+    row of that shard, day and suffix is noted by a set lookup (``_whole_days``). Parsing each
+    row's time text took 63-75% of the proxy's CPU during hypertable COPY. The node's
     partitioning still places each row; the proxy only has to know its chunk exists.
     """
 
@@ -176,9 +175,10 @@ class ChunkRouter:
         self.slow: list[tuple[int, str]] = []
         self.needs: dict[tuple[int, int], int] = {}
         self._last: tuple[int, int, int] | None = None  # (shard, lo, hi) of the last chunk hit
-        self._whole_days: set[tuple[int, str]] = set()  # (shard, day) inside an existing chunk
-        self._seen_days: set[tuple[int, str]] = set()  # (shard, day) already checked
-        self._by_day = timerange.normalize_type(table.hypertable.time_type) in _DATE_TYPES
+        self._whole_days: set[tuple[int, str, str]] = set()  # (shard, day, zone) in one chunk
+        self._seen_days: set[tuple[int, str, str]] = set()  # (shard, day, zone) already checked
+        self._time_type = timerange.normalize_type(table.hypertable.time_type)
+        self._by_day = self._time_type in _DATE_TYPES
 
     @property
     def ht(self) -> HypertableInfo:
@@ -194,8 +194,9 @@ class ChunkRouter:
             raise PgError(
                 "23502", f'null value in column "{ht.time_column if ht else "time"}" of relation "{self.table.name}" violates not-null constraint'
             )
-        day = (shard, text[:10])
-        if day in self._whole_days:
+        sign = max(text.rfind("+"), text.rfind("-"))
+        day = (shard, text[:10], text[sign:] if sign > 10 else "")
+        if day in self._whole_days and text[-1] not in "Cc":  # "... BC" is another era
             return
         v = self.values.fast(text)
         if v is None:
@@ -205,21 +206,34 @@ class ChunkRouter:
         if self._by_day and day not in self._seen_days:
             self._learn_day(day, text)
 
-    def _learn_day(self, day: tuple[int, str], text: str) -> None:
-        """Remember ``day`` when every value of it lies in one existing chunk of its shard."""
+    def _learn_day(self, day: tuple[int, str, str], text: str) -> None:
+        """Remember ``day`` when every value of it lies in one existing chunk of its shard.
+
+        The values of a calendar day lie in [midnight, midnight + 24 h] (``24:00:00`` is
+        valid) of local time: for ``timestamptz`` shifted by the zone's UTC offset, which, for
+        an unknown zone, is anywhere within ±16 h. ``timestamp`` and ``date`` ignore zones.
+        """
         if len(self._seen_days) > 100_000:
             self._seen_days.clear()
             self._whole_days.clear()
         self._seen_days.add(day)
-        shard, prefix = day
+        shard, prefix, zone = day
         if not _DAY.fullmatch(prefix) or (len(text) > 10 and text[10] not in " Tt") or "bc" in text.lower():
             return
         try:
             midnight = timerange.to_internal("timestamp", prefix)
         except ValueError:
             return
-        chunk = self.ht.chunk_containing(shard, midnight - _DAY_BEFORE)
-        if chunk is not None and chunk.range_end >= midnight + _DAY_AFTER:
+        lo, hi = midnight, midnight + 24 * _HOUR
+        if self._time_type == "timestamptz":
+            m = _OFFSET.fullmatch(zone) if zone and text[-len(zone) - 1].isdigit() else None
+            if m is not None:
+                offset = (int(m[2]) * 60 + int(m[3] or 0)) * 60 * 1_000_000 * (1 if m[1] == "+" else -1)
+                lo, hi = lo - offset, hi - offset
+            else:
+                lo, hi = lo - 16 * _HOUR, hi + 16 * _HOUR
+        chunk = self.ht.chunk_containing(shard, lo)
+        if chunk is not None and chunk.range_end > hi:
             self._whole_days.add(day)
 
     def note_value(self, shard: int, v: int) -> None:

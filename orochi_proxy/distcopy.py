@@ -40,7 +40,7 @@ from executor.copysplit import (
     binary_field,
     binary_key_text,
 )
-from executor.distributed import copies_in_lock_order, shard_of
+from executor.distributed import apply_settings, copies_in_lock_order, shard_of
 from executor.protocol import PgError
 from executor.tasks import run_on
 from orochi_proxy.chunks import ChunkRouter
@@ -213,6 +213,8 @@ async def copy_from_stdin(
             pool = server.node_pool(node, session.database)
             conn = await pool.acquire()
             w = writers[node] = _NodeWriter(conn, pool)
+            # The client's TimeZone/DateStyle read its text: '2024-03-07 00:00' is local time.
+            await apply_settings(conn, session.output_settings())
             await conn.simple_query("BEGIN")
         return w
 
@@ -404,8 +406,6 @@ async def copy_to_stdout(runner: DistributedRunner, stmt: ast.CopyStmt, table: T
         pool = server.node_pool(node, session.database)
         conn = await pool.acquire()
         try:
-            from executor.distributed import apply_settings
-
             await apply_settings(conn, settings)
             relay.next_node()
             res = await run_on(conn, pg.query(sql), sink=relay.sink, sink_types=(ord("d"),))

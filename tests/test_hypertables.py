@@ -153,39 +153,48 @@ def test_copy_creates_chunks_text_csv_and_binary(env: Env) -> None:
     assert env.q("SELECT device FROM ht_copy WHERE time >= '2024-05-05' ORDER BY 1") == [(200,)]
 
 
+@pytest.mark.parametrize("session_tz", ["UTC", "Pacific/Kiritimati", "Etc/GMT+12"])
 @pytest.mark.parametrize("time_type", ["timestamptz", "timestamp"])
-def test_copy_rows_far_from_utc_land_in_the_right_chunks(env: Env, time_type: str) -> None:
-    """COPY notes most rows by their calendar day alone once the day lies, whatever the time
-    and zone, inside an existing chunk. Rows at UTC+14 just after midnight of a chunk's first
-    day belong to the chunk before (for timestamptz), rows at UTC-12 just before midnight of its
-    last day to the chunk after; neither exists yet, and each such row comes after rows of the
-    same day that made the day known. The chunks must still be created (or the node refuses the
-    rows), and every row must read back as PostgreSQL converts its text."""
-    t = f"ht_far_zones_{time_type}"
-    env.q(f"CREATE TABLE {t} (time {time_type} NOT NULL, n int)")
-    env.q(f"SELECT create_hypertable('{t}', by_range('time', INTERVAL '7 days'))")
-    with env.connect(autocommit=True) as c:
-        c.execute("SET TimeZone = 'UTC'")
-        with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
-            cp.write_row(("2024-03-11 12:00:00+00", 0))
-        lo, hi = c.execute(
-            "SELECT range_start, range_end FROM timescaledb_information.chunks WHERE hypertable_name = %s", (t,)
-        ).fetchone()
-        days = [(lo + datetime.timedelta(days=k)).strftime("%Y-%m-%d") for k in range((hi - lo).days)]
-        rows = []
-        for d in days:
-            rows += [f"{d} 12:00:00+00", f"{d} 00:00:01+14:00", f"{d} 23:59:59-12:00", f"{d} 00:00:00", f"{d} 24:00:00"]
-        with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
-            for i, r in enumerate(rows, 1):
-                cp.write_row((r, i))
-        got = sorted(c.execute(f"SELECT time, n FROM {t}").fetchall(), key=lambda r: r[1])
-        want = c.execute(
-            f"SELECT v::{time_type}, n FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, n) ORDER BY n",
-            (["2024-03-11 12:00:00+00", *rows],),
-        ).fetchall()
-        chunks = c.execute("SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = %s", (t,)).fetchone()[0]
-    assert [r[0] for r in got] == [r[0] for r in want]
-    assert chunks == (3 if time_type == "timestamptz" else 2)  # before/after; 24:00:00 of the last day
+def test_copy_rows_far_from_utc_land_in_the_right_chunks(env: Env, time_type: str, session_tz: str) -> None:
+    """COPY notes most rows by their calendar day and zone suffix alone once those lie inside
+    an existing chunk. Per day of a chunk and per zone spelling, a first row inside the chunk,
+    then one that may fall outside: at UTC+14 just after midnight of the chunk's first day (the
+    chunk before), at UTC-12 just before midnight of its last day (the chunk after). Those
+    chunks do not exist yet and no other row of the same load needs them; they must still be
+    created (or the node refuses the row), and every row must read back as PostgreSQL converts
+    its text. Texts without a zone are in the session's TimeZone (UTC+14 and UTC-12 among them)."""
+    spellings = {
+        "offsets": ["12:00:00+00", "23:00:00+14:00", "00:00:01+14:00", "00:00:00-12:00", "23:59:59-12:00"],
+        "names": ["20:00:00 Pacific/Kiritimati", "00:00:30 Pacific/Kiritimati",  # UTC+14
+                  "06:00:00 Etc/GMT+12", "23:59:00 Etc/GMT+12"],  # UTC-12, despite the '+'
+        # The first time lies on the same day in UTC, so inside the chunk, in each session zone.
+        "session": [{"UTC": "12:00:00", "Pacific/Kiritimati": "20:00:00", "Etc/GMT+12": "06:00:00"}[session_tz],
+                    "00:00:30", "23:59:30", "24:00:00"],
+    }
+    for label, times in spellings.items():
+        t = f"ht_far_{label}_{time_type}_{session_tz.replace('/', '_').replace('+', 'p').lower()}"
+        env.q(f"CREATE TABLE {t} (time {time_type} NOT NULL, n int)")
+        env.q(f"SELECT create_hypertable('{t}', by_range('time', INTERVAL '7 days'))")
+        with env.connect(autocommit=True) as c:
+            c.execute(f"SET TimeZone = '{session_tz}'")
+            with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
+                cp.write_row(("2024-03-11 12:00:00+00", 0))
+            lo, hi = c.execute(
+                "SELECT range_start, range_end FROM timescaledb_information.chunks WHERE hypertable_name = %s", (t,)
+            ).fetchone()
+            if lo.tzinfo is not None:  # the chunk's days in UTC, where its bounds are midnights
+                lo, hi = lo.astimezone(datetime.UTC), hi.astimezone(datetime.UTC)
+            days = [(lo + datetime.timedelta(days=k)).strftime("%Y-%m-%d") for k in range((hi - lo).days)]
+            rows = [f"{d} {tm}" for d in days for tm in times]
+            with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
+                for i, r in enumerate(rows, 1):
+                    cp.write_row((r, i))
+            got = [r[0] for r in c.execute(f"SELECT time FROM {t} ORDER BY n").fetchall()]
+            want = [r[0] for r in c.execute(
+                f"SELECT v::{time_type} FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, n) ORDER BY n",
+                (["2024-03-11 12:00:00+00", *rows],),
+            ).fetchall()]
+        assert got == want, label
 
 
 def test_concurrent_inserts_into_a_new_range_create_one_chunk(env: Env) -> None:
