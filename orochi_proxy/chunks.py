@@ -176,7 +176,8 @@ class ChunkRouter:
         self.needs: dict[tuple[int, int], int] = {}
         self._last: tuple[int, int, int] | None = None  # (shard, lo, hi) of the last chunk hit
         self._whole_days: set[tuple[int, str, str]] = set()  # (shard, day, zone) in one chunk
-        self._seen_days: set[tuple[int, str, str]] = set()  # (shard, day, zone) already checked
+        self._seen_days: set[tuple[int, str, str]] = set()  # (shard, day, zone) settled
+        self._windows: dict[tuple[int, str, str], tuple[int, int]] = {}  # their value ranges
         self._time_type = timerange.normalize_type(table.hypertable.time_type)
         self._by_day = self._time_type in _DATE_TYPES
 
@@ -209,32 +210,50 @@ class ChunkRouter:
     def _learn_day(self, day: tuple[int, str, str], text: str) -> None:
         """Remember ``day`` when every value of it lies in one existing chunk of its shard.
 
+        Asked again for later rows of the day while its chunk does not exist yet (a load into
+        new ranges creates its chunks as it goes); settled once the chunk is there.
+        """
+        window = self._windows.get(day)
+        if window is None:
+            if len(self._windows) > 100_000:
+                self._windows.clear()
+                self._whole_days.clear()
+                self._seen_days.clear()
+            window = self._day_window(day, text)
+            if window is None:
+                self._seen_days.add(day)
+                return
+            self._windows[day] = window
+        lo, hi = window
+        chunk = self.ht.chunk_containing(day[0], lo)
+        if chunk is None:
+            return
+        if chunk.range_end > hi:
+            self._whole_days.add(day)
+        self._seen_days.add(day)
+
+    def _day_window(self, day: tuple[int, str, str], text: str) -> tuple[int, int] | None:
+        """[lo, hi] of every value of ``day`` written with its zone suffix; None: not a day.
+
         The values of a calendar day lie in [midnight, midnight + 24 h] (``24:00:00`` is
         valid) of local time: for ``timestamptz`` shifted by the zone's UTC offset, which, for
         an unknown zone, is anywhere within ±16 h. ``timestamp`` and ``date`` ignore zones.
         """
-        if len(self._seen_days) > 100_000:
-            self._seen_days.clear()
-            self._whole_days.clear()
-        self._seen_days.add(day)
-        shard, prefix, zone = day
+        _shard, prefix, zone = day
         if not _DAY.fullmatch(prefix) or (len(text) > 10 and text[10] not in " Tt") or "bc" in text.lower():
-            return
+            return None
         try:
             midnight = timerange.to_internal("timestamp", prefix)
         except ValueError:
-            return
+            return None
         lo, hi = midnight, midnight + 24 * _HOUR
         if self._time_type == "timestamptz":
             m = _OFFSET.fullmatch(zone) if zone and text[-len(zone) - 1].isdigit() else None
             if m is not None:
                 offset = (int(m[2]) * 60 + int(m[3] or 0)) * 60 * 1_000_000 * (1 if m[1] == "+" else -1)
-                lo, hi = lo - offset, hi - offset
-            else:
-                lo, hi = lo - 16 * _HOUR, hi + 16 * _HOUR
-        chunk = self.ht.chunk_containing(shard, lo)
-        if chunk is not None and chunk.range_end > hi:
-            self._whole_days.add(day)
+                return lo - offset, hi - offset
+            return lo - 16 * _HOUR, hi + 16 * _HOUR
+        return lo, hi
 
     def note_value(self, shard: int, v: int) -> None:
         last = self._last
