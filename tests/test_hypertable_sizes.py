@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from clusterenv import ClusterEnv
 from proxyproc import ProxyProcess
 
 from orochi_proxy.localcluster import LocalCluster
@@ -27,22 +28,17 @@ SIZE_SQL = (
 )
 
 
-class Env:
+class Env(ClusterEnv):
     def __init__(self, proxy: ProxyProcess, cluster: LocalCluster) -> None:
-        self.proxy = proxy
-        self.admin = psycopg.connect(proxy.dsn(), autocommit=True)
-        self.nodes = {f"{n.host}:{n.port}": psycopg.connect(n.dsn(), autocommit=True) for n in cluster.nodes}
+        super().__init__(proxy, cluster)
+        self.by_address = {f"{n.host}:{n.port}": c for n, c in zip(cluster.nodes, self.nodes, strict=True)}
         # The proxy's metadata database is node 0 (tests/proxyproc.py).
         self.metadata = psycopg.connect(cluster.nodes[0].dsn(), autocommit=True)
-
-    def q(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        cur = self.admin.execute(sql, params)
-        return cur.fetchall() if cur.description else []
 
     def chunks_on_nodes(self, table: str) -> dict[str, list[str]]:
         """node address -> qualified names of the partitions of the table's shards there."""
         out: dict[str, list[str]] = {}
-        for address, conn in self.nodes.items():
+        for address, conn in self.by_address.items():
             out[address] = [r[0] for r in conn.execute(
                 "SELECT n.nspname || '.' || c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_class p ON p.oid = i.inhparent "
@@ -55,18 +51,15 @@ class Env:
 @pytest.fixture(scope="module")
 def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
     e = Env(proxy, cluster)
-    for n in cluster.nodes:
-        e.admin.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+    e.register_nodes()
     try:
         yield e
     finally:
         for (name,) in e.q("SELECT hypertable_name FROM timescaledb_information.hypertables WHERE hypertable_name LIKE 'hs\\_%'"):
             e.q(f"DROP TABLE IF EXISTS {name}")
         e.q("DROP TABLE IF EXISTS hs_plain")
-        e.admin.close()
         e.metadata.close()
-        for c in e.nodes.values():
-            c.close()
+        e.close()
 
 
 def rel_size(conn: psycopg.Connection[Any], name: str) -> Size:
@@ -129,7 +122,7 @@ def test_sizes_equal_what_the_nodes_report(env: Env) -> None:
     # chunks_detailed_size: each chunk on the node that holds it, with that node's figures.
     def direct_chunks() -> list[tuple[Any, ...]]:
         return sorted(
-            (*name.split("."), *add(rel_size(env.nodes[a], name), rel_size(env.nodes[a], companion(name))), a)
+            (*name.split("."), *add(rel_size(env.by_address[a], name), rel_size(env.by_address[a], companion(name))), a)
             for a, names in on_nodes.items() for name in names
         )
 
@@ -144,12 +137,12 @@ def test_sizes_equal_what_the_nodes_report(env: Env) -> None:
             "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relname ~ '^hs_space_[0-9]+$' AND c.relkind = 'p'"
         ).fetchall()]
-        for a, conn in env.nodes.items()
+        for a, conn in env.by_address.items()
     }
 
     def direct_detailed() -> list[tuple[Any, ...]]:
         rows = []
-        for a, conn in env.nodes.items():
+        for a, conn in env.by_address.items():
             if not shards_by_node[a]:
                 continue
             parts = [rel_size(conn, n) for n in shards_by_node[a]]
@@ -204,7 +197,7 @@ def test_sizes_grow_with_inserts_and_new_chunks(env: Env) -> None:
         assert cur.execute("SELECT hypertable_size(%s)", ("hs_grow",)).fetchone() == (two_chunks,)
         binary_rows = cur.execute("SELECT * FROM chunks_detailed_size(%s)", ("hs_grow",)).fetchall()
         assert sorted((r[1], r[5]) for r in binary_rows) == sorted(rows)
-        assert all(r[0] == "_timescaledb_internal" and r[6] in env.nodes for r in binary_rows)
+        assert all(r[0] == "_timescaledb_internal" and r[6] in env.by_address for r in binary_rows)
 
 
 def test_not_a_hypertable_null_and_missing(env: Env) -> None:
@@ -240,7 +233,7 @@ def test_compression_stats_before_and_after(env: Env) -> None:
     assert summary[:2] == (2, 0) and all(v is None for v in summary[2:10])
 
     (address,) = {r[6] for r in env.q("SELECT * FROM chunks_detailed_size('hs_comp')")}
-    node = env.nodes[address]
+    node = env.by_address[address]
     target = chunks[0]
     # VACUUM first so autovacuum has nothing left to add between this reading and the proxy's.
     node.execute(f"VACUUM {target}")

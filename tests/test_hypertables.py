@@ -9,29 +9,16 @@ from __future__ import annotations
 import datetime
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
+from clusterenv import ClusterEnv
 from proxyproc import ProxyProcess
 
 from orochi_proxy.localcluster import LocalCluster
 
 
-class Env:
-    def __init__(self, proxy: ProxyProcess, cluster: LocalCluster) -> None:
-        self.proxy = proxy
-        self.cluster = cluster
-        self.admin = psycopg.connect(proxy.dsn(), autocommit=True)
-        self.nodes = [psycopg.connect(n.dsn(), autocommit=True) for n in cluster.nodes]
-
-    def connect(self, **kw: Any) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.proxy.dsn(), **kw)
-
-    def q(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        cur = self.admin.execute(sql, params)
-        return cur.fetchall() if cur.description else []
-
+class Env(ClusterEnv):
     def partitions(self, table: str) -> list[tuple[str, str]]:
         """(chunk name, bound) of every partition of the hypertable's shards, on all nodes."""
         out = []
@@ -48,16 +35,13 @@ class Env:
 @pytest.fixture(scope="module")
 def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
     e = Env(proxy, cluster)
-    for n in cluster.nodes:
-        e.admin.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+    e.register_nodes()
     try:
         yield e
     finally:
         for (name,) in e.q("SELECT hypertable_name FROM timescaledb_information.hypertables WHERE hypertable_name LIKE 'ht\\_%'"):
             e.q(f"DROP TABLE IF EXISTS {name}")
-        e.admin.close()
-        for c in e.nodes:
-            c.close()
+        e.close()
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from clusterenv import ClusterEnv
 from proxyproc import ProxyProcess
 
 from orochi_proxy.localcluster import LocalCluster
@@ -26,20 +27,7 @@ SHARDS = 8
 ROWS = 40  # ids 0..39 hit every shard, and so every node
 
 
-class Env:
-    def __init__(self, proxy: ProxyProcess, cluster: LocalCluster) -> None:
-        self.proxy = proxy
-        self.cluster = cluster
-        self.admin = psycopg.connect(proxy.dsn(), autocommit=True)
-        self.nodes = [psycopg.connect(n.dsn(), autocommit=True) for n in cluster.nodes]
-
-    def connect(self, **kw: Any) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.proxy.dsn(), **kw)
-
-    def q(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        cur = self.admin.execute(sql, params)
-        return cur.fetchall() if cur.description else []
-
+class Env(ClusterEnv):
     def node_rows(self, table: str) -> list[tuple[Any, ...]]:
         """Every row of ``table``'s shards, read on the nodes directly (not through the proxy)."""
         shards = self.q(
@@ -70,17 +58,14 @@ class Env:
 @pytest.fixture(scope="module")
 def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
     e = Env(proxy, cluster)
-    for n in cluster.nodes:
-        e.admin.execute("SELECT citus_add_node(%s, %s)", (n.host, n.port))
+    e.register_nodes()
     try:
         yield e
     finally:
         for (name,) in e.q("SELECT table_name FROM citus_tables WHERE table_name LIKE 'public.tx\\_%'"):
             e.admin.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
         e.admin.execute("DROP TABLE IF EXISTS tx_local, tx_pipe_local")
-        e.admin.close()
-        for c in e.nodes:
-            c.close()
+        e.close()
 
 
 def sqlstate(exc: BaseException) -> str | None:
