@@ -24,7 +24,7 @@ from orochi_proxy.hypertable import hypertable_of
 from orochi_proxy.localexec import BOOL, TEXT, ParamSpec, admin_function
 from rewriter import timerange
 from rewriter.model import ChunkInfo, HypertableInfo, TableInfo
-from rewriter.quoting import qualified_name, quote_literal
+from rewriter.quoting import quote_literal
 
 if TYPE_CHECKING:
     from orochi_proxy.server import ProxyServer
@@ -108,13 +108,12 @@ async def show_chunks(server: ProxyServer, a: dict[str, Any], session: Session) 
 
 async def drop_chunk_tables(server: ProxyServer, database: str, table: TableInfo, chunks: list[ChunkInfo]) -> None:
     """Drop the chunks on their nodes (one transaction per node), then forget them."""
-    from policies.compression import compressed_table_name
 
     per_node: dict[int, list[str]] = defaultdict(list)
     for c in chunks:
-        node = table.shards[c.shard_index].node_ids[0]
+        node = table.chunk_node(c)
         per_node[node].append(f"DROP TABLE IF EXISTS {c.qualified}")
-        per_node[node].append(f"DROP TABLE IF EXISTS {qualified_name(c.schema, compressed_table_name(c.name))}")
+        per_node[node].append(f"DROP TABLE IF EXISTS {c.compressed_qualified}")
     for node, statements in sorted(per_node.items()):
         pool = server.node_pool(node, database)
         async with pool.connection() as conn:

@@ -167,8 +167,7 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
     settings = settings_of(table)
     ht = table.hypertable
     assert ht is not None
-    node = table.shards[chunk.shard_index].node_ids[0]
-    pool = server.node_pool(node, database)
+    pool = server.node_pool(table.chunk_node(chunk), database)
     async with pool.connection() as conn:
         columns = await _columns(conn, chunk)
         recorded = [tuple(c) for c in (ht.compression or {}).get("columns", [])]
@@ -181,7 +180,7 @@ async def compress(server: ProxyServer, database: str, table: TableInfo, chunk: 
                     hint="Decompress its compressed chunks, then compress again.",
                 )
             await server.catalog.set_compression(ht.hypertable_id, {**(ht.compression or {}), "columns": [list(c) for c in columns]})
-        companion = qualified_name(chunk.schema, compression.compressed_table_name(chunk.name))
+        companion = chunk.compressed_qualified
         exists = (await conn.simple_query(f"SELECT to_regclass({quote_literal(companion)}) IS NOT NULL"))[0][0] == b"t"
         if not exists:
             lz4 = (await conn.simple_query(
@@ -217,15 +216,14 @@ async def decompress(server: ProxyServer, database: str, table: TableInfo, chunk
     settings = settings_of(table)
     ht = table.hypertable
     assert ht is not None
-    node = table.shards[chunk.shard_index].node_ids[0]
-    pool = server.node_pool(node, database)
+    pool = server.node_pool(table.chunk_node(chunk), database)
     async with pool.connection() as conn:
         columns = await _columns(conn, chunk)
         await _in_transaction(conn, compression.decompress_sql(chunk.schema, chunk.name, columns, settings, ht.time_column))
         if faults.ARMED:
             await faults.reached("decompress_moved")
         await server.catalog.set_chunk_tier(chunk.chunk_id, "hot")
-        companion = qualified_name(chunk.schema, compression.compressed_table_name(chunk.name))
+        companion = chunk.compressed_qualified
         await _in_transaction(conn, [f"DROP TABLE IF EXISTS {companion}"])
 
 

@@ -163,7 +163,6 @@ def _companion_ddl(kind: str, targets: list[TableInfo], per_node: dict[int, list
     (companion tables are not partitions, so the shard's own statement does not reach them)."""
     if kind not in ("truncate", "drop_table"):
         return
-    from policies.compression import compressed_table_name
 
     for t in targets:
         if t.hypertable is None:
@@ -171,9 +170,9 @@ def _companion_ddl(kind: str, targets: list[TableInfo], per_node: dict[int, list
         for c in t.hypertable.chunks:
             if c.tier != "warm":
                 continue
-            companion = qualified_name(c.schema, compressed_table_name(c.name))
+            companion = c.compressed_qualified
             verb = "TRUNCATE" if kind == "truncate" else "DROP TABLE IF EXISTS"
-            per_node[t.shards[c.shard_index].node_ids[0]].append(f"{verb} {companion}")
+            per_node[t.chunk_node(c)].append(f"{verb} {companion}")
 
 
 def _index_names(stmt) -> list[tuple[str | None, str]]:

@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING, Any
 from orochi_proxy.catalog import SCHEMA
 from orochi_proxy.distribute import resolve_table
 from orochi_proxy.localexec import INT8, NAME, TEXT, ParamSpec, admin_function
-from policies.compression import compressed_table_name
-from rewriter.model import ChunkInfo, TableInfo
+from rewriter.model import TableInfo
 from rewriter.quoting import qualified_name, quote_literal
 
 if TYPE_CHECKING:
@@ -96,14 +95,6 @@ async def _measure_on_node(server: ProxyServer, node: int, database: str, names:
     return [_rel_size(int(r[1]), int(r[2]), int(r[3])) for r in rows]  # type: ignore[arg-type]
 
 
-def _node_of(table: TableInfo, chunk: ChunkInfo) -> int:
-    return table.shards[chunk.shard_index].node_ids[0]
-
-
-def _companion(chunk: ChunkInfo) -> str:
-    return qualified_name(chunk.schema, compressed_table_name(chunk.name))
-
-
 @dataclass
 class Measured:
     """What one call measured: per chunk its heap part and its companion, per node the shards."""
@@ -121,9 +112,9 @@ async def measure(server: ProxyServer, database: str, table: TableInfo) -> Measu
     for shard in table.shards:
         per_node[shard.node_ids[0]].append(("shard", shard.shard_id, qualified_name(table.schema, table.shard_name(shard))))
     for c in ht.chunks:
-        node = _node_of(table, c)
+        node = table.chunk_node(c)
         per_node[node].append(("chunk", c.chunk_id, c.qualified))
-        per_node[node].append(("companion", c.chunk_id, _companion(c)))
+        per_node[node].append(("companion", c.chunk_id, c.compressed_qualified))
     nodes = sorted(per_node)
     results = await asyncio.gather(
         *(_measure_on_node(server, n, database, [name for _, _, name in per_node[n]]) for n in nodes)
@@ -169,7 +160,7 @@ async def detailed_rows(server: ProxyServer, session: Session, table: TableInfo)
     per_node = dict(m.shards)
     for c in ht.chunks:
         heap, comp = m.chunks.get(c.chunk_id, (ZERO, ZERO))
-        per_node[_node_of(table, c)] += heap + comp
+        per_node[table.chunk_node(c)] += heap + comp
     out: list[tuple[Any, ...]] = []
     for node in m.nodes:
         s = per_node[node]
@@ -228,7 +219,7 @@ async def chunks_detailed_size(server: ProxyServer, a: dict[str, Any], session: 
     for c in ht.chunks:
         heap, comp = m.chunks.get(c.chunk_id, (ZERO, ZERO))
         s = heap + comp
-        out.append((c.schema, c.name, s.table, s.index, s.toast, s.total, _node_name(server, _node_of(table, c))))
+        out.append((c.schema, c.name, s.table, s.index, s.toast, s.total, _node_name(server, table.chunk_node(c))))
     return out
 
 
@@ -258,7 +249,7 @@ async def compression_rows(server: ProxyServer, session: Session, table: TableIn
     m = await measure(server, session.database, table)
     out: list[tuple[Any, ...]] = []
     for c in ht.chunks:
-        node = _node_name(server, _node_of(table, c))
+        node = _node_name(server, table.chunk_node(c))
         if c.tier != "warm":
             out.append((c.schema, c.name, "Uncompressed", None, None, None, None, None, None, None, None, node))
             continue

@@ -60,7 +60,7 @@ class ServerChunkOps:
         return next((c for c in ht.chunks if c.chunk_id == chunk.chunk_id), None) if ht is not None else None
 
     async def _exists_on_node(self, table: TableInfo, chunk: ChunkInfo) -> bool:
-        pool = self.server.node_pool(table.shards[chunk.shard_index].node_ids[0], self.database)
+        pool = self.server.node_pool(table.chunk_node(chunk), self.database)
         async with pool.connection() as conn:
             rows = await conn.simple_query(f"SELECT to_regclass({quote_literal(chunk.qualified)}) IS NOT NULL")
         return rows[0][0] == b"t"

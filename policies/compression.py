@@ -85,7 +85,7 @@ import pglast
 from pglast import ast
 from pglast.enums.parsenodes import SortByDir, SortByNulls
 
-from rewriter.model import bounded_name
+from rewriter.model import compressed_table_name
 from rewriter.quoting import qualified_name, quote_ident, quote_literal
 
 ROWS_PER_SEGMENT = 1000
@@ -314,11 +314,6 @@ class _Layout:
             if c.name == name:
                 return c
         raise ValueError(f"no column {name!r} in the chunk")
-
-
-def compressed_table_name(chunk_name: str) -> str:
-    """``<chunk>_compressed``, shortened with a stable hash past 63 bytes."""
-    return bounded_name(chunk_name, "_compressed")
 
 
 def _layout(

@@ -34,6 +34,11 @@ def bounded_name(base: str, suffix: str) -> str:
     return f"{head}_{digest}{suffix}"
 
 
+def compressed_table_name(chunk_name: str) -> str:
+    """``<chunk>_compressed``: a compressed chunk's companion table of segments."""
+    return bounded_name(chunk_name, "_compressed")
+
+
 def shard_table_name(table: str, shard_id: int) -> str:
     """``<table>_<shardid>``, shortened (with a stable hash) when it would exceed 63 bytes."""
     return bounded_name(table, f"_{shard_id}")
@@ -68,6 +73,13 @@ class ChunkInfo:
         from rewriter.quoting import qualified_name
 
         return qualified_name(self.schema, self.name)
+
+    @property
+    def compressed_qualified(self) -> str:
+        """The qualified name of its companion table of compressed segments."""
+        from rewriter.quoting import qualified_name
+
+        return qualified_name(self.schema, compressed_table_name(self.name))
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,10 @@ class TableInfo:
     @property
     def shard_count(self) -> int:
         return len(self.shards)
+
+    def chunk_node(self, chunk: ChunkInfo) -> int:
+        """The node holding ``chunk`` (its shard's placement)."""
+        return self.shards[chunk.shard_index].node_ids[0]
 
     def shard_name(self, shard: Shard) -> str:
         name = self.shard_names.get(shard.shard_id)
