@@ -22,7 +22,7 @@ Design (why it looks like this):
 * **Transactions.** Transaction control is the ``TxCoordinator``'s (``self.tx``) as soon as a
   distributed statement joined the block; a multi-statement Query or an extended-protocol batch
   with a distributed write runs in an implicit block the proxy opens, with PostgreSQL's rules
-  for transaction control inside it (``_tx_control_in_implicit_block``).
+  for transaction control inside it (``TxCoordinator.control_in_implicit``).
 * **A lost node connection is never silent.** Lost while relaying: FATAL 08006
   (``on_backend_lost``). Lost while a proxy-run statement held it (collect mode): the next
   client message finds it closed and gets FATAL 08006, or, between transactions with
@@ -362,22 +362,29 @@ class Session:
         conn.consumer = self
         return conn
 
-    def _maybe_detach(self) -> None:
-        """Between transactions, give the metadata-node connection back to the pool."""
-        backend = self.backend
-        if (
-            backend is None
-            or self.pending
+    def _between_transactions(self) -> bool:
+        """Nothing of the client's is open on its node connection: no answer awaited, no
+        batch, transaction, COPY or pinned session state (so another connection can serve it)."""
+        return not (
+            self.pending
             or self._unsynced
             or self.blocked
-            or self.backlog
             or self._pinned
             or self.tx_status != pg.TX_IDLE
             or self.tx.txn is not None
             or self.copy_sink is not None
             or self._copy_in_extended
+        )
+
+    def _maybe_detach(self) -> None:
+        """Between transactions, give the metadata-node connection back to the pool."""
+        backend = self.backend
+        if (
+            backend is None
+            or self.backlog
             or self.closed
             or backend.consumer is not self
+            or not self._between_transactions()
         ):
             return
         self.backend = None
@@ -1232,16 +1239,7 @@ class Session:
         Otherwise the session's transaction or state died with it: FATAL 08006, as when the
         connection is lost while relaying (False).
         """
-        if (
-            self.txn_pooling
-            and not self.pending
-            and not self._unsynced
-            and not self.blocked
-            and not self._pinned
-            and self.tx_status == pg.TX_IDLE
-            and self.tx.txn is None
-            and self.copy_sink is None
-        ):
+        if self.txn_pooling and self._between_transactions():
             self.backend = None
             assert self.pool is not None
             self.pool.release(backend, reset=False)
@@ -1310,7 +1308,7 @@ class Session:
                         break
                 elif isinstance(action, TxControl):
                     if implicit:
-                        data, error, implicit = await self._tx_control_in_implicit_block(action)
+                        data, error, implicit = await self.tx.control_in_implicit(action, None, pipeline=False)
                     else:
                         data, error = await self.tx.control(action, None)
                     self.client.write(data)
@@ -1333,32 +1331,6 @@ class Session:
             if error:
                 self.client.write(data)  # the implicit COMMIT failed: its error ends the Query
         return pg.ready_for_query(self.tx_status), False
-
-    async def _tx_control_in_implicit_block(self, tc: TxControl) -> tuple[bytes, bool, bool]:
-        """Transaction control met inside the implicit block of a multi-statement Query, as
-        PostgreSQL treats it there: (answer, error?, is the implicit block still open?).
-
-        BEGIN makes the block the client's (the statements before it included); COMMIT and
-        ROLLBACK end it with warning 25P01 (there was no BEGIN); AND CHAIN and savepoint commands
-        are errors (the block then rolls back with the Query); SET LOCAL and the rest apply to it.
-        The block is an explicit one on the nodes, which would not answer the same.
-        """
-        if tc.kind == "begin":
-            data, error = await self.tx.adopt_block(tc)
-            return data, error, error
-        if tc.kind in ("commit", "rollback") and not tc.chain:
-            data, error = await self.tx.control(tc, None)
-            if error:
-                return data, True, self.tx_status != pg.TX_IDLE
-            return pg.notice_response("there is no transaction in progress", "WARNING", "25P01") + data, False, False
-        if tc.kind in ("commit", "rollback", "savepoint", "release", "rollback_to"):
-            what = {
-                "commit": "COMMIT AND CHAIN", "rollback": "ROLLBACK AND CHAIN", "savepoint": "SAVEPOINT",
-                "release": "RELEASE SAVEPOINT", "rollback_to": "ROLLBACK TO SAVEPOINT",
-            }[tc.kind]
-            return PgError("25P01", f"{what} can only be used in transaction blocks").to_message(), True, True
-        data, error = await self.tx.control(tc, None)
-        return data, error, True
 
     async def _execute_dist_portal(self, dp: DistPortal, max_rows: int) -> tuple[bytes, bool]:
         """Execute a distributed portal; a write in a batch of several Executes opens a block.

@@ -67,7 +67,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _E, _C, _CLOSE, _Z, _N = ord("E"), ord("C"), ord("3"), ord("Z"), ord("N")
-_COMMAND_NAMES = {"savepoint": "SAVEPOINT", "release": "RELEASE SAVEPOINT", "rollback_to": "ROLLBACK TO SAVEPOINT"}
+# Commands PostgreSQL allows in transaction blocks only (commit/rollback: with AND CHAIN).
+_BLOCK_ONLY = {
+    "commit": "COMMIT", "rollback": "ROLLBACK",
+    "savepoint": "SAVEPOINT", "release": "RELEASE SAVEPOINT", "rollback_to": "ROLLBACK TO SAVEPOINT",
+}
 _INTERNAL = "__orochi_tx"
 
 
@@ -192,17 +196,14 @@ class TxCoordinator:
             return
         self.session.tx_status = pg.TX_FAILED
 
-    async def _client_statement(self, tc: TxControl, frame: bytes | None) -> tuple[bytes, bool]:
+    async def _client_statement(self, tc: TxControl, frame: bytes | None, *, adopt: bool = False) -> tuple[bytes, bool]:
         """Run the client's own statement on the metadata node; (its answer, error?).
 
         ``frame`` is the client's Execute (extended protocol; its Bind went ahead), else the
         statement runs as a simple Query whose ReadyForQuery is left for the caller.
-
-        A BEGIN inside the block the proxy opened for a batch (``batch_block``) is what
-        PostgreSQL does with a BEGIN in an implicit transaction: the batch's transaction becomes
-        the client's block, with the statements before the BEGIN in it, and it outlives the
-        Sync. The metadata node, where the proxy began that block explicitly, answers it with
-        warning 25001, which PostgreSQL would not give: it is dropped.
+        ``adopt``: a BEGIN that takes over the implicit block the proxy began explicitly (see
+        ``control_in_implicit``): the node's warning 25001, which PostgreSQL would not give
+        there, is dropped.
         """
         s = self.session
         if frame is None:
@@ -211,8 +212,7 @@ class TxCoordinator:
             msgs = await s._collect_until(frame + pg.FLUSH, (_C, _E, ord("I")))
         body = [(t, p) for t, p in msgs if t != _Z]
         error = any(t == _E for t, _ in body)
-        if tc.kind == "begin" and self.batch_block and not error:
-            self.batch_block = False
+        if adopt and not error:
             body = _without_notice(body, "25001")
         if frame is not None and not error and tc.kind in ("commit", "rollback", "prepare") and not tc.chain:
             # No ReadyForQuery in the middle of a batch tells it: the block is over, and the
@@ -220,41 +220,40 @@ class TxCoordinator:
             s.tx_status = pg.TX_IDLE
         return b"".join(pg.message(bytes([t]), p) for t, p in body), error
 
-    async def _control_in_batch_block(self, tc: TxControl, frame: bytes | None) -> tuple[bytes, bool]:
-        """Transaction control inside the block the proxy opened for an extended-protocol batch.
+    async def control_in_implicit(self, tc: TxControl, frame: bytes | None, *, pipeline: bool) -> tuple[bytes, bool, bool]:
+        """Transaction control inside an implicit transaction the proxy holds as an explicit
+        block on the metadata node, answered as PostgreSQL answers it there; (answer, error?,
+        is the block still the implicit one?).
 
-        PostgreSQL runs such a batch as one transaction that is not a transaction block: COMMIT
-        and ROLLBACK end it with warning 25P01, SET LOCAL applies with warning 25P01, savepoint
-        commands and AND CHAIN are errors 25P01. The metadata node, where the proxy began an
-        explicit block, would answer otherwise; these answers are PostgreSQL's.
+        ``pipeline``: an extended-protocol batch (PostgreSQL runs it as a transaction that is
+        not a block), else a multi-statement Query (an implicit block). In both, BEGIN makes
+        the transaction the client's block (the statements before it included, open after the
+        batch); COMMIT and ROLLBACK end it with warning 25P01; AND CHAIN and savepoint commands
+        are errors 25P01 (the implicit transaction rolls back with the batch). SET LOCAL
+        applies, with warning 25P01 in a pipeline only.
         """
+        if tc.kind == "begin":
+            data, error = await self._client_statement(tc, frame, adopt=True)
+            return data, error, error
         if tc.kind in ("commit", "rollback") and not tc.chain:
-            self.batch_block = False
-            data, error = await self.control(tc, frame)
+            data, error = await self._control(tc, frame)
             if error:
-                return data, True
-            return pg.notice_response("there is no transaction in progress", "WARNING", "25P01") + data, False
-        if tc.kind in ("commit", "rollback", "savepoint", "release", "rollback_to"):
-            return PgError("25P01", f"{_COMMAND_NAMES[tc.kind] if not tc.chain else tc.kind.upper() + ' AND CHAIN'} "
-                           "can only be used in transaction blocks").to_message(), True
+                return data, True, not pipeline and self.session.tx_status != pg.TX_IDLE
+            return pg.notice_response("there is no transaction in progress", "WARNING", "25P01") + data, False, False
+        if tc.kind in _BLOCK_ONLY:
+            what = _BLOCK_ONLY[tc.kind] + (" AND CHAIN" if tc.chain else "")
+            return PgError("25P01", f"{what} can only be used in transaction blocks").to_message(), True, True
         data, error = await self._control(tc, frame)
-        if tc.kind == "set_local" and not error:
+        if pipeline and tc.kind == "set_local" and not error:
             data = pg.notice_response("SET LOCAL can only be used in transaction blocks", "WARNING", "25P01") + data
-        return data, error
-
-    async def adopt_block(self, tc: TxControl) -> tuple[bytes, bool]:
-        """The client's BEGIN inside the implicit block the proxy opened for a multi-statement
-        Query: the block becomes the client's (see ``_client_statement``); the caller must not
-        end it after the Query."""
-        msgs = await self.session._collect_from_backend(pg.query(tc.sql))
-        body = _without_notice([(t, p) for t, p in msgs if t != _Z], "25001")
-        return b"".join(pg.message(bytes([t]), p) for t, p in body), any(t == _E for t, _ in body)
+        return data, error, True
 
     # ------------------------------------------------------------------ transaction control
     async def control(self, tc: TxControl, frame: bytes | None) -> tuple[bytes, bool]:
         """Apply ``tc`` to the block (metadata node and participants); the client's answer."""
-        if self.batch_block and tc.kind != "begin":
-            return await self._control_in_batch_block(tc, frame)
+        if self.batch_block:
+            data, error, self.batch_block = await self.control_in_implicit(tc, frame, pipeline=True)
+            return data, error
         return await self._control(tc, frame)
 
     async def _control(self, tc: TxControl, frame: bytes | None) -> tuple[bytes, bool]:
