@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import copy as copymod
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pglast import ast
@@ -45,10 +46,11 @@ from executor.protocol import PgError
 from executor.tasks import run_on
 from orochi_proxy.chunks import ChunkRouter
 from rewriter.intercept import Distributed
-from rewriter.model import TableInfo
+from rewriter.model import Shard, TableInfo
 from rewriter.quoting import qualified_name, quote_ident
 
 if TYPE_CHECKING:
+    from executor.pool import NodePool
     from executor.transaction import DistTransaction
     from orochi_proxy.distsession import DistributedRunner
 
@@ -132,24 +134,70 @@ def _is_true(v: object) -> bool:
     return str(v).lower() in ("true", "on", "1", "yes")
 
 
-class _NodeWriter:
-    """One node's connection and open transaction for a COPY load."""
+async def _copy_in(conn: BackendConnection, sql: str, data: bytes) -> None:
+    """``sql`` (a COPY ... FROM STDIN) with ``data`` as its whole input, on ``conn``."""
+    msgs = await conn.exchange(pg.query(sql), until=(ord("G"), ord("E")))
+    for t, p in msgs:
+        if t == ord("E"):
+            conn.broken = True
+            raise PgError.from_payload(p)
+    conn.write(pg.message(b"d", data))
+    res = await run_on(conn, pg.message(b"c"))
+    if res.error is not None:
+        raise res.error
 
-    def __init__(self, conn: BackendConnection, pool) -> None:
-        self.conn = conn
-        self.pool = pool  # None: the connection belongs to the client's block (not ours to end)
 
-    async def copy(self, sql: str, data: bytes) -> int:
-        msgs = await self.conn.exchange(pg.query(sql), until=(ord("G"), ord("E")))
-        for t, p in msgs:
-            if t == ord("E"):
-                self.conn.broken = True
-                raise PgError.from_payload(p)
-        self.conn.write(pg.message(b"d", data))
-        res = await run_on(self.conn, pg.message(b"c"))
-        if res.error is not None:
-            raise res.error
-        return int(res.tags[-1].split()[-1]) if res.tags else 0
+class ShardLoader:
+    """Loads rows into shard tables with COPY, one connection per node.
+
+    Inside the client's block (``txn``) the block's node transactions take the rows and commit
+    or roll back with it; otherwise each node gets a transaction of its own, two-phase
+    committed by :meth:`commit`. A shard's copies are written one after the other in the lock
+    order every writer uses (``copies_in_lock_order``). :meth:`close` always runs: it rolls
+    back what was not committed and gives the connections back.
+    """
+
+    def __init__(self, pool_for: Callable[[int], NodePool], settings: dict[str, str],
+                 txn: DistTransaction | None, metadata_node_id: int | None) -> None:
+        self.pool_for = pool_for
+        self.settings = settings  # the client's TimeZone/DateStyle read its text
+        self.txn = txn
+        self.metadata_node_id = metadata_node_id
+        self._own: dict[int, tuple[NodePool, BackendConnection]] = {}
+        self._committed = False
+
+    async def _conn(self, node: int) -> BackendConnection:
+        if self.txn is not None:
+            return await self.txn.conn(node, self.settings, write=True)
+        own = self._own.get(node)
+        if own is None:
+            pool = self.pool_for(node)
+            conn = await pool.acquire()
+            self._own[node] = (pool, conn)
+            await apply_settings(conn, self.settings)
+            await conn.simple_query("BEGIN")
+            return conn
+        return own[1]
+
+    async def copy(self, shard: Shard, sql: str, data: bytes) -> None:
+        for node in copies_in_lock_order(shard.node_ids, self.metadata_node_id):
+            await _copy_in(await self._conn(node), sql, data)
+
+    async def commit(self, decider) -> None:
+        """Commit the nodes' own transactions (outside a block; one node plainly, several by
+        two-phase commit); inside a block the block's COMMIT does it."""
+        if self.txn is None:
+            await twophase.commit([(node, conn) for node, (_pool, conn) in self._own.items()], decider, kind="copy")
+        self._committed = True
+
+    async def close(self) -> None:
+        if not self._committed and self.txn is not None:
+            self.txn.failed = True  # the block's ROLLBACK (or ROLLBACK TO) ends the nodes' part
+        for pool, conn in self._own.values():
+            if not self._committed:
+                await conn.rollback_quietly()
+            pool.release(conn, reset=not conn.usable)
+        self._own.clear()
 
 
 async def copy_from_stdin(
@@ -193,7 +241,6 @@ async def copy_from_stdin(
     session.client.write(pg.message(b"G", bytes([fcode]) + ncols.to_bytes(2, "big") + fcode.to_bytes(2, "big") * ncols))
     session.client.uncork()  # the client sends its data only after it has CopyInResponse
 
-    writers: dict[int, _NodeWriter] = {}
     buffers: dict[int, list[bytes]] = defaultdict(list)
     sizes: dict[int, int] = defaultdict(int)
     total = 0
@@ -201,22 +248,10 @@ async def copy_from_stdin(
     client_done = False  # CopyDone/CopyFail consumed: nothing of the client's left to discard
 
     md = server.catalog.metadata_node
-    metadata_node_id = md.node_id if md is not None else None
-
-    async def writer_for(node: int) -> _NodeWriter:
-        w = writers.get(node)
-        if w is None:
-            if txn is not None:
-                conn = await txn.conn(node, session.output_settings(), write=True)
-                w = writers[node] = _NodeWriter(conn, None)
-                return w
-            pool = server.node_pool(node, session.database)
-            conn = await pool.acquire()
-            w = writers[node] = _NodeWriter(conn, pool)
-            # The client's TimeZone/DateStyle read its text: '2024-03-07 00:00' is local time.
-            await apply_settings(conn, session.output_settings())
-            await conn.simple_query("BEGIN")
-        return w
+    loader = ShardLoader(
+        lambda node: server.node_pool(node, session.database), session.output_settings(), txn,
+        md.node_id if md is not None else None,
+    )
 
     async def flush(idx: int) -> None:
         if chunker is not None:
@@ -229,9 +264,7 @@ async def copy_from_stdin(
         data = b"".join(rows)
         if fmt == "binary":
             data = BINARY_HEADER + data + BINARY_TRAILER
-        sql = _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=True)
-        for node in copies_in_lock_order(shard.node_ids, metadata_node_id):
-            await (await writer_for(node)).copy(sql, data)
+        await loader.copy(shard, _shard_copy_sql(stmt, table, table.shard_name(shard), drop_header=True), data)
 
     def route(rows: list[tuple[bytes, str | None]]) -> list[int]:
         full = []
@@ -271,9 +304,7 @@ async def copy_from_stdin(
             elif mtype == ord("f"):
                 client_done = True
                 raise PgError("57014", f"COPY from stdin failed: {pg.read_cstr(payload, 0)[0]}")
-        if txn is None:
-            await _commit(writers, runner.server.txlog.decider())
-        writers.clear()
+        await loader.commit(runner.server.txlog.decider())
         return f"COPY {total}"
     except BaseException as exc:
         error = exc
@@ -284,14 +315,7 @@ async def copy_from_stdin(
             # The client keeps sending until CopyDone/CopyFail: swallow the rest of its data.
             if not isinstance(error, asyncio.CancelledError) and not client_done:
                 await _discard_rest(queue, error)
-            if txn is not None:
-                txn.failed = True  # the block's ROLLBACK (or ROLLBACK TO) ends the nodes' part
-            else:
-                for w in writers.values():
-                    await w.conn.rollback_quietly()
-        for w in writers.values():
-            if w.pool is not None:
-                w.pool.release(w.conn, reset=not w.conn.usable)
+        await loader.close()
         if queue.paused:
             session.client.resume_reading()
 
@@ -336,11 +360,6 @@ async def _discard_rest(queue: CopyInQueue, error: BaseException) -> None:
                 return
     finally:
         session.copy_sink = None
-
-
-async def _commit(writers: dict[int, _NodeWriter], decider) -> None:
-    """Commit every node's load: one node commits plainly, several by two-phase commit."""
-    await twophase.commit([(node, w.conn) for node, w in writers.items()], decider, kind="copy")
 
 
 async def copy_to_stdout(runner: DistributedRunner, stmt: ast.CopyStmt, table: TableInfo | None, query_plan) -> str:
@@ -505,16 +524,7 @@ async def run_copy(runner: DistributedRunner, action: Distributed) -> str | None
             raise PgError("0A000", "COPY ... FROM STDIN WHERE is not supported on distributed tables")
         if stmt.is_from:
             txn = await runner.block_transaction()
-            if txn is None:
-                return await copy_from_stdin(runner, stmt, table)
-            try:
-                return await copy_from_stdin(runner, stmt, table, txn)
-            except PgError as exc:
-                await session.tx.fail_backend(exc)  # the block fails, as after any failed statement
-                raise
-            except BaseException:
-                await session.tx.fail_backend(PgError("57014", "canceled"))
-                raise
+            return await runner.run_in_block(txn, copy_from_stdin(runner, stmt, table, txn))
         return await copy_to_stdout(runner, stmt, table, None)
     from rewriter.planner import plan_statement
 

@@ -20,7 +20,7 @@ from executor import distributed
 from executor import protocol as pg
 from executor.protocol import PgError
 from orochi_proxy.chunks import ChunkRouter
-from orochi_proxy.distcopy import _commit, _NodeWriter
+from orochi_proxy.distcopy import ShardLoader
 from rewriter.model import TableInfo
 from rewriter.planner import Plan, plan_statement
 from rewriter.quoting import qualified_name, quote_ident
@@ -112,41 +112,16 @@ async def insert_select_via_proxy(runner: DistributedRunner, plan: Plan, ctx: di
 
 
 async def _load(table: TableInfo, names: list[str], buffers: dict[int, list[bytes]], ctx: distributed.ExecContext) -> None:
-    """COPY each shard's rows to its copies (in lock order): inside the client's block through
-    its node transactions, which commit with the block; else in one transaction per node,
-    two-phase committed across nodes."""
+    """COPY each shard's rows to its copies: inside the client's block through its node
+    transactions, which commit with the block; else in one transaction per node, two-phase
+    committed across nodes (``ShardLoader``)."""
     cols = ", ".join(quote_ident(n) for n in names)
-    writers: dict[int, _NodeWriter] = {}
-
-    async def writer_for(node: int) -> _NodeWriter:
-        w = writers.get(node)
-        if w is None:
-            if ctx.txn is not None:
-                conn = await ctx.txn.conn(node, ctx.settings, write=True)
-                w = writers[node] = _NodeWriter(conn, None)
-                return w
-            pool = ctx.pool_for(node)
-            conn = await pool.acquire()
-            w = writers[node] = _NodeWriter(conn, pool)
-            await distributed.apply_settings(conn, ctx.settings)
-            await conn.simple_query("BEGIN")
-        return w
-
-    done = False
+    loader = ShardLoader(ctx.pool_for, ctx.settings, ctx.txn, ctx.metadata_node_id)
     try:
         for idx, lines in buffers.items():
             shard = table.shards[idx]
             sql = f"COPY {qualified_name(table.schema, table.shard_name(shard))} ({cols}) FROM STDIN"
-            data = b"".join(lines)
-            for node in distributed.copies_in_lock_order(shard.node_ids, ctx.metadata_node_id):
-                await (await writer_for(node)).copy(sql, data)
-        if ctx.txn is None:
-            await _commit(writers, ctx.decider or distributed._NO_LOG)
-        done = True
+            await loader.copy(shard, sql, b"".join(lines))
+        await loader.commit(ctx.decider or distributed._NO_LOG)
     finally:
-        for w in writers.values():
-            if w.pool is None:
-                continue  # the block's connection: its failure fails the block (the caller)
-            if not done:
-                await w.conn.rollback_quietly()
-            w.pool.release(w.conn, reset=not w.conn.usable)
+        await loader.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pglast import ast, parse_sql
 
@@ -32,6 +32,8 @@ from rewriter.planner import Plan, plan_statement
 if TYPE_CHECKING:
     from orochi_proxy.server import ProxyServer
     from orochi_proxy.session import Session
+
+T = TypeVar("T")
 
 
 _MISSING = object()
@@ -257,19 +259,19 @@ class DistributedRunner:
             return txn
         return None
 
-    async def _run_in_block(self, ctx: distributed.ExecContext, run: Awaitable[None]) -> None:
-        """Run a statement; in a block, a failure fails the whole block (on the metadata node too)."""
-        if ctx.txn is None:
-            await run
-            return
+    async def run_in_block(self, txn: DistTransaction | None, run: Awaitable[T]) -> T:
+        """Run a statement (its result); in a block, a failure fails the whole block (on the
+        metadata node too), as a failed statement does in PostgreSQL."""
+        if txn is None:
+            return await run
         try:
-            await run
+            return await run
         except PgError as exc:
-            ctx.txn.failed = True
+            txn.failed = True
             await self.session.tx.fail_backend(exc)
             raise
         except BaseException:
-            ctx.txn.failed = True
+            txn.failed = True
             await self.session.tx.fail_backend(PgError("57014", "canceled"))
             raise
 
@@ -434,11 +436,11 @@ class DistributedRunner:
         if max_rows > 0:
             collected: list[bytes] = []
             ctx.write = collected.append
-            await self._run_in_block(ctx, self._execute(plan, ctx))
+            await self.run_in_block(ctx.txn, self._execute(plan, ctx))
             dp.done = True
             dp.rows, other, dp.tag = _split_answer(b"".join(collected))
             return b"".join(other) + dp.next_chunk(max_rows), False
-        await self._run_in_block(ctx, self._execute(plan, ctx))
+        await self.run_in_block(ctx.txn, self._execute(plan, ctx))
         dp.done = True
         return b"", False
 
@@ -492,7 +494,7 @@ class DistributedRunner:
         ctx.literals = norm.literals
         ctx.txn = txn
         self.server.metrics.statements.labels(_strategy(shape_plan)).inc()
-        await self._run_in_block(ctx, distributed.execute(shape_plan, ctx))
+        await self.run_in_block(ctx.txn, distributed.execute(shape_plan, ctx))
         return True
 
     async def run_simple(self, action: Distributed) -> None:
@@ -516,7 +518,7 @@ class DistributedRunner:
         ctx = self._context(row_description=row_description)
         ctx.txn = txn
         self.server.metrics.statements.labels(_strategy(plan)).inc()
-        await self._run_in_block(ctx, self._execute(plan, ctx))
+        await self.run_in_block(ctx.txn, self._execute(plan, ctx))
 
 
 def _literals_route(plan: Plan, norm: Normalized) -> bool:

@@ -1132,3 +1132,31 @@ def test_repeated_literal_shapes_answer_like_the_first(env: Env) -> None:
     both("SELECT v FROM {t} WHERE id = 5")
     assert node_rows(env.metadata, f"SELECT count(*) FROM {t}") == [(12,)]  # local again
     env.proxy.execute(f"DROP TABLE IF EXISTS {t}, {t}_plain")
+
+
+def test_loads_give_their_node_connections_back(env: Env, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each COPY FROM and routed INSERT ... SELECT returns its node connections to the pool: with
+    two connections per node, ten loads in a row must not wait for a free one (53300)."""
+    from proxyproc import start_proxy
+
+    small = start_proxy(
+        tmp_path_factory.mktemp("smallpool"), env.cluster, name="smallpool",
+        backend={"pool_size": 2, "acquire_timeout": 3},
+    )
+    t = "feat_pool_loads"
+    try:
+        with psycopg.connect(small.dsn(), autocommit=True) as c:
+            c.execute(f"DROP TABLE IF EXISTS {t}, {t}_src")
+            c.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v int)")
+            c.execute(f"SELECT create_distributed_table('{t}', 'id', shard_count => 6)")
+            c.execute(f"CREATE TABLE {t}_src (id int PRIMARY KEY, v int)")  # local: routed by the proxy
+            for k in range(10):
+                with c.cursor().copy(f"COPY {t} FROM STDIN") as cp:
+                    for i in range(k * 100, k * 100 + 50):
+                        cp.write_row((i, k))
+                c.execute(f"INSERT INTO {t}_src SELECT g, {k} FROM generate_series({k * 100 + 50}, {k * 100 + 99}) g")
+                c.execute(f"INSERT INTO {t} SELECT * FROM {t}_src WHERE v = {k}")
+            assert c.execute(f"SELECT count(*), count(DISTINCT v) FROM {t}").fetchone() == (1000, 10)
+            c.execute(f"DROP TABLE {t}, {t}_src")
+    finally:
+        small.stop()
