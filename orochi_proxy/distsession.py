@@ -497,15 +497,19 @@ class DistributedRunner:
         await self.run_in_block(ctx.txn, distributed.execute(shape_plan, ctx))
         return True
 
-    async def run_simple(self, action: Distributed) -> None:
-        """One statement of a simple Query: describe on the shell, run, write T/D/C."""
+    async def run_simple(self, action: Distributed, norm: Normalized | None = None) -> None:
+        """One statement of a simple Query: describe on the shell, run, write T/D/C.
+
+        ``norm``: the Query's normalized text when it is this one statement (already computed
+        by the session), else it is normalized here."""
         if isinstance(action.stmt, ast.ExplainStmt):
             from orochi_proxy.distexplain import explain, plan_rows
 
             lines = await explain(self, action, self._context(row_description=None))
             self.session.client.write(plan_rows(lines, simple=True))
             return
-        norm = normalize(action.sql)
+        if norm is None:
+            norm = normalize(action.sql)
         if norm is not None and await self.run_shape(action.sql, norm):
             return
         plan = await self.plan(action)

@@ -1316,7 +1316,7 @@ class Session:
                         failed = True
                         break
                 elif isinstance(action, Distributed):
-                    await self.dist.run_simple(action)
+                    await self.dist.run_simple(action, norm if len(actions) == 1 else None)
                 else:
                     self.metrics.statements.labels("admin").inc()
                     self.client.write(await localexec.run_admin(self.server, action, None, simple=True, session=self))
