@@ -58,6 +58,7 @@ from diffdata import (
     generate,
     user_pair,
 )
+from pgresult import Result, run_text
 from proxyproc import ProxyProcess
 
 from orochi_proxy.localcluster import LocalCluster
@@ -150,32 +151,6 @@ def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
 
 
 # ====================================================================================== compare
-@dataclass
-class Result:
-    """One statement's answer: column type OIDs, rows (text or Python values), command tag."""
-
-    oids: list[int]
-    rows: list[tuple[Any, ...]]
-    tag: str
-
-
-def run_text(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] | None = None) -> Result:
-    """Run with text results and keep every value exactly as PostgreSQL printed it."""
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        res = cur.pgresult
-        assert res is not None
-        oids = [res.ftype(j) for j in range(res.nfields)]
-        rows = []
-        for i in range(res.ntuples):
-            row = []
-            for j in range(res.nfields):
-                v = res.get_value(i, j)
-                row.append(None if v is None else v.decode())
-            rows.append(tuple(row))
-        return Result(oids, rows, cur.statusmessage or "")
-
-
 def run_binary(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] | None = None) -> Result:
     """Run with binary results, loaded into Python values by psycopg."""
     with conn.cursor(binary=True) as cur:

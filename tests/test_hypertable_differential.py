@@ -70,6 +70,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from pgresult import Result, run_text
 from proxyproc import ProxyProcess
 
 from orochi_proxy.localcluster import LocalCluster
@@ -468,31 +469,6 @@ def env(cluster: LocalCluster, proxy: ProxyProcess) -> Iterator[Env]:
 
 
 # ====================================================================================== compare
-@dataclass
-class Result:
-    """One statement's answer as PostgreSQL printed it: column type OIDs, text rows, tag."""
-
-    oids: list[int]
-    rows: list[tuple[str | None, ...]]
-    tag: str
-
-
-def run(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] | None = None) -> Result:
-    with conn.cursor() as cur:
-        cur.execute(sql, params)  # type: ignore[arg-type]
-        res = cur.pgresult
-        assert res is not None
-        oids = [res.ftype(j) for j in range(res.nfields)]
-        rows = []
-        for i in range(res.ntuples):
-            row = []
-            for j in range(res.nfields):
-                v = res.get_value(i, j)
-                row.append(None if v is None else v.decode())
-            rows.append(tuple(row))
-        return Result(oids, rows, cur.statusmessage or "")
-
-
 def _canon(row: tuple[str | None, ...], oids: list[int]) -> tuple[Any, ...]:
     return tuple(float(v) if v is not None and o in FLOAT_OIDS else v for v, o in zip(row, oids, strict=False))
 
@@ -552,14 +528,14 @@ def check(env: Env, q: Query, table: str, *, proxy: psycopg.Connection[Any] | No
     what = f"[{q.id} on {table}] {proxy_sql}" + (f"\n  params: {params}" if params else "") + \
         (f"\n  plain side: {plain_sql}" if plain_sql != proxy_sql else "") + f"\n  data starts {env.layout.start}"
     try:
-        want = run(plain, plain_sql, params)
+        want = run_text(plain, plain_sql, params)
     except psycopg.Error as plain_exc:
         with pytest.raises(psycopg.Error) as err:
-            run(proxy, proxy_sql, params)
+            run_text(proxy, proxy_sql, params)
         assert err.value.sqlstate == plain_exc.sqlstate, f"{what}\nproxy: {err.value}\nplain: {plain_exc}"
         return
     try:
-        got = run(proxy, proxy_sql, params)
+        got = run_text(proxy, proxy_sql, params)
     except psycopg.Error as exc:
         pytest.fail(f"{what}\nproxy failed with {exc.sqlstate}: {exc}\nplain answered {len(want.rows)} rows", pytrace=False)
     compare(got, want, ordered=q.ordered, what=what)
